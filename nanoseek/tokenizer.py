@@ -1,0 +1,255 @@
+"""Byte-level BPE tokenizer, special tokens and the chat template.
+
+Why these choices:
+
+* Byte-level BPE (HF ``tokenizers``) so any Unicode string round-trips: there is
+  no unknown token and no normalizer that could change the text.
+* Digits are split one per token *before* byte-level pre-tokenization. The demo
+  model learns arithmetic, and a tokenizer that merges "123" into one token
+  hides the place-value structure the model has to learn.
+* The special tokens sit at fixed ids 0..7 so every module (SFT masks, the
+  engine's stop tokens, GRPO's ``<think>`` parsing) can rely on them.
+
+Chat format (the project-wide contract)::
+
+    <|bos|>[<|system|>{system}]
+    per message:  <|user|>{content}    or    <|assistant|>{content}<|eos|>
+    generation prompt: <|assistant|>   (+ "<think>\\n" when think=True)
+
+An assistant message with ``reasoning_content`` renders its content as
+``<think>\\n{reasoning}\\n</think>\\n{content}``. No other whitespace is added.
+
+The same format is saved as a Jinja ``chat_template`` so that
+``transformers.AutoTokenizer.from_pretrained(dir).apply_chat_template`` gives
+exactly the ids of :meth:`Tokenizer.render_chat`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
+THINK, END_THINK = "<think>", "</think>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
+N_BYTES = 256  # byte-level alphabet: every byte must be a token
+
+# The Jinja twin of Tokenizer.render_chat_text. Written on one line with
+# explicit '\n' string literals so Jinja's trim_blocks/lstrip_blocks (which HF
+# enables) cannot eat or add whitespace.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ '<|system|>' + m['content'] }}"
+    "{% elif m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>' }}"
+    "{% if m.reasoning_content is defined and m.reasoning_content is not none %}"
+    "{{ '<think>\\n' + m.reasoning_content + '\\n</think>\\n' }}{% endif %}"
+    "{{ m['content'] + '<|eos|>' }}"
+    "{% else %}{{ raise_exception('unknown chat role: ' + m['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}"
+    "{% if think is defined and think %}{{ '<think>\\n' }}{% endif %}{% endif %}"
+)
+
+
+def _build_backend() -> _HFTokenizer:
+    tok = _HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _assistant_text(m: dict) -> str:
+    reasoning = m.get("reasoning_content")
+    body = _content(m)
+    if reasoning is not None:
+        if not isinstance(reasoning, str):
+            raise ValueError(f"chat message field 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+        body = f"{THINK}\n{reasoning}\n{END_THINK}\n{body}"
+    return body + EOS
+
+
+def _content(m: dict) -> str:
+    if not isinstance(m, dict) or "role" not in m:
+        raise ValueError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
+    c = m.get("content")
+    if not isinstance(c, str):
+        raise ValueError(f"chat message field 'content' must be a string (role={m['role']!r}), got {type(c).__name__}")
+    return c
+
+
+class Tokenizer:
+    """Thin wrapper over an HF ``tokenizers.Tokenizer`` with nanoseek's specials."""
+
+    def __init__(self, backend: _HFTokenizer, model_max_length: int = 2048):
+        self._tok = backend
+        self.model_max_length = model_max_length
+        ids = [backend.token_to_id(t) for t in SPECIAL_TOKENS]
+        if ids != list(range(len(SPECIAL_TOKENS))):
+            raise ValueError(f"tokenizer special tokens must be {SPECIAL_TOKENS} at ids 0..7, got ids {ids}")
+        (self.bos_id, self.eos_id, self.pad_id, self.system_id, self.user_id,
+         self.assistant_id, self.think_id, self.end_think_id) = ids
+
+    # ---------------------------------------------------------------- building
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        """Learn BPE merges from ``texts`` (streamed; never held in memory)."""
+        floor = len(SPECIAL_TOKENS) + N_BYTES
+        if vocab_size < floor:
+            raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {floor} "
+                             f"({len(SPECIAL_TOKENS)} special tokens + {N_BYTES} bytes)")
+        tok = _build_backend()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=2,
+            special_tokens=SPECIAL_TOKENS,  # added first, so they get ids 0..7
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path) -> "Tokenizer":
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file}")
+        try:
+            backend = _HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust error does not say which file
+            raise ValueError(f"cannot read tokenizer {file}: {e}") from e
+        max_len = 2048
+        cfg_file = file.parent / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                max_len = int(json.loads(cfg_file.read_text()).get("model_max_length", max_len))
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{cfg_file}: invalid JSON or model_max_length: {e}") from e
+        return cls(backend, model_max_length=max_len)
+
+    def save(self, path) -> None:
+        """Write tokenizer.json + tokenizer_config.json (loadable by transformers)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(path / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            "model_max_length": self.model_max_length,
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # ------------------------------------------------------------ text <-> ids
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if add_bos else ids
+
+    def encode_batch(self, texts, add_bos: bool = False) -> list[list[int]]:
+        out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        return [[self.bos_id] + ids for ids in out] if add_bos else out
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        # Special tokens decode to their literal text ("<|eos|>"), so a decoded
+        # chat reads like the template.
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
+
+    # ------------------------------------------------------------------- chat
+    def _chat_segments(self, messages, add_generation_prompt, think):
+        """Yield (text, is_assistant) pieces whose borders fall on special tokens.
+
+        Because HF tokenizers split on special tokens before BPE, encoding the
+        pieces one by one gives the same ids as encoding the joined text: this
+        is what lets the loss mask line up with apply_chat_template's ids.
+        """
+        yield BOS, False
+        for m in messages:
+            role = m.get("role") if isinstance(m, dict) else None
+            if role == "system":
+                yield SYSTEM + _content(m), False
+            elif role == "user":
+                yield USER + _content(m), False
+            elif role == "assistant":
+                yield ASSISTANT, False
+                yield _assistant_text(m), True
+            else:
+                raise ValueError(f"unknown chat role {role!r} in message {m!r} (expected system/user/assistant)")
+        if add_generation_prompt:
+            yield ASSISTANT + (f"{THINK}\n" if think else ""), False
+
+    def render_chat_text(self, messages, add_generation_prompt: bool = False, think: bool = False) -> str:
+        return "".join(t for t, _ in self._chat_segments(messages, add_generation_prompt, think))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
+                    think: bool = False) -> tuple[list[int], list[int]]:
+        """Return (ids, loss_mask): mask is 1 exactly on assistant-written tokens.
+
+        That is the assistant content, its think trace and its closing <|eos|>
+        (so the model learns to stop); the <|assistant|> tag itself, system and
+        user turns and the generation prompt are 0.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        for text, trained in self._chat_segments(messages, add_generation_prompt, think):
+            piece = self.encode(text)
+            ids += piece
+            mask += [int(trained)] * len(piece)
+        return ids, mask
+
+
+# ------------------------------------------------------------------ command
+@dataclass
+class TokenizerTrainConfig:
+    """`nanoseek tokenizer train`: learn a BPE vocabulary from a data spec."""
+
+    data: str  # file, folder, glob or builtin:NAME (see nanoseek.data.sources)
+    out: str  # directory to write tokenizer.json + tokenizer_config.json
+    vocab_size: int = 4096
+    max_docs: int | None = None  # train on the first N documents only
+    text_field: str = "text"  # jsonl/parquet column holding the text
+
+
+def train_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
+    """Stream documents from ``cfg.data``, train, save to ``cfg.out``."""
+    from itertools import islice
+
+    from nanoseek.data.sources import iter_documents
+
+    docs = iter_documents(cfg.data, text_field=cfg.text_field)
+    if cfg.max_docs is not None:
+        docs = islice(docs, cfg.max_docs)
+    tok = Tokenizer.train(docs, cfg.vocab_size)
+    tmp = Path(f"{cfg.out}.tmp-{os.getpid()}")
+    tok.save(tmp)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # atomic per file
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    return tok
