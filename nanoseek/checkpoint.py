@@ -1,0 +1,218 @@
+"""Checkpoints are Hugging Face `deepseek_v3` directories: config.json + model.safetensors.
+
+transformers (and so vLLM / SGLang) loads what we write as it is, and we load what they write.
+The only differences between nanoseek's module tree and the on-disk names are mechanical:
+a `model.` prefix, routed experts stacked in memory but stored one key per expert, and the MTP
+modules living at `model.layers.{num_hidden_layers + k}` on disk.
+
+Every write is atomic: the directory is assembled under a temporary name beside the target and
+renamed into place, so a crash never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ModelConfig
+from .model import DeepSeekV3
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
+
+
+# ---------------------------------------------------------------------- name mapping
+def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
+    """nanoseek state dict → on-disk names (REFERENCE §2)."""
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        t = t.detach()
+        if name.startswith("rotary."):
+            continue
+        if name == "lm_head.weight":
+            out[name] = t
+            continue
+        if name.startswith("mtp."):
+            _, k, rest = name.split(".", 2)
+            base = f"model.layers.{cfg.num_hidden_layers + int(k)}."
+            rest = rest.removeprefix("block.").replace("shared_head_norm", "shared_head.norm")
+            name = base + rest
+            if m := re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(\w+_proj)$", name):
+                for e in range(t.shape[0]):
+                    out[f"{m[1]}.{e}.{m[2]}.weight"] = t[e].contiguous()
+                continue
+            out[name] = t
+            continue
+        if m := _EXPERT.match(name):
+            for e in range(t.shape[0]):
+                out[f"model.{m[1]}.{e}.{m[2]}.weight"] = t[e].contiguous()
+            continue
+        out["model." + name] = t
+    for k in range(cfg.num_nextn_predict_layers):  # copies of the shared embedding and head
+        base = f"model.layers.{cfg.num_hidden_layers + k}."
+        out[base + "embed_tokens.weight"] = model.embed_tokens.weight.detach().clone()
+        out[base + "shared_head.head.weight"] = model.lm_head.weight.detach().clone()
+    for name in list(out):
+        if name.endswith("e_score_correction_bias"):
+            out[name] = out[name].float()
+    return out
+
+
+def _from_hf_name(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
+    """On-disk name → (nanoseek name, expert index or None); None for keys we do not keep."""
+    if name == "lm_head.weight":
+        return name, None
+    if not name.startswith("model."):
+        return None
+    name = name[len("model."):]
+    expert = None
+    if m := re.match(r"^(layers\.\d+\.mlp\.experts)\.(\d+)\.(\w+_proj)\.weight$", name):
+        name, expert = f"{m[1]}.{m[3]}", int(m[2])
+    if m := re.match(r"^layers\.(\d+)\.(.*)$", name):
+        i, rest = int(m[1]), m[2]
+        if i >= cfg.num_hidden_layers:
+            k = i - cfg.num_hidden_layers
+            if k >= cfg.num_nextn_predict_layers or rest.startswith(("embed_tokens.", "shared_head.head.")):
+                return None  # shared tensors (or MTP depths this config does not have)
+            if rest.startswith("shared_head.norm."):
+                rest = rest.replace("shared_head.norm", "shared_head_norm")
+            elif not rest.startswith(("enorm.", "hnorm.", "eh_proj.")):
+                rest = "block." + rest
+            return f"mtp.{k}.{rest}", expert
+    return name, expert
+
+
+# ---------------------------------------------------------------------- atomic directory writes
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory that replaces `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pretrained(model: DeepSeekV3, path: str | Path, extra: dict[str, object] | None = None) -> Path:
+    """Write config.json + model.safetensors (+ `extra`: name → bytes | str | callable(dir)) atomically."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        cfg = model.config
+        dtype = next(model.parameters()).dtype
+        cfg = cfg.replace(torch_dtype=str(dtype).removeprefix("torch."))
+        cfg.save(tmp / "config.json")
+        save_file(to_hf_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        for name, content in (extra or {}).items():
+            if callable(content):
+                content(tmp)
+            elif isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(str(content))
+    return path
+
+
+# ---------------------------------------------------------------------- loading
+def _read_weights(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
+    """All tensors of a checkpoint directory, each with the file it came from."""
+    files = []
+    if (path / WEIGHTS).exists():
+        files = [path / WEIGHTS]
+    elif (path / INDEX).exists():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{path / INDEX}: not a valid safetensors index ({e})") from None
+    else:
+        raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX} here")
+    out = {}
+    for f in files:
+        try:
+            for k, v in load_file(str(f)).items():
+                out[k] = (v, f.name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
+    return out
+
+
+def load_state(model: DeepSeekV3, tensors: dict[str, tuple[torch.Tensor, str]], where: Path) -> None:
+    cfg = model.config
+    own = model.state_dict()
+    seen: set[str] = set()
+    with torch.no_grad():
+        for key, (t, fname) in tensors.items():
+            mapped = _from_hf_name(key, cfg)
+            if mapped is None:
+                continue
+            name, expert = mapped
+            if name not in own:
+                raise ValueError(f"{where / fname}: unexpected key {key!r} for this config.json")
+            dst = own[name][expert] if expert is not None else own[name]
+            if tuple(dst.shape) != tuple(t.shape):
+                raise ValueError(f"{where / fname}: key {key!r} has shape {tuple(t.shape)}, "
+                                 f"config.json implies {tuple(dst.shape)}")
+            dst.copy_(t)
+            seen.add(name if expert is None else f"{name}.{expert}")
+    missing = []
+    for name, t in own.items():
+        if name.startswith("rotary.") or name.endswith("tokens_per_expert"):
+            continue
+        if _EXPERT.match(name) or re.match(r"^mtp\.\d+\.block\.mlp\.experts\.\w+_proj$", name):
+            missing += [f"{name}.{e}" for e in range(t.shape[0]) if f"{name}.{e}" not in seen]
+        elif name not in seen:
+            missing.append(name)
+    mtp_missing = [m for m in missing if m.startswith("mtp.")]
+    if mtp_missing:  # transformers drops MTP weights on save; keep the randomly initialised ones
+        warnings.warn(f"{where}: no multi-token-prediction weights on disk ({len(mtp_missing)} tensors); "
+                      "the MTP modules are freshly initialised", stacklevel=3)
+    missing = [m for m in missing if not m.startswith("mtp.")]
+    if missing:
+        raise ValueError(f"{where}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> DeepSeekV3:
+    """A checkpoint directory (ours or transformers') → DeepSeekV3 in eval mode."""
+    path = Path(path)
+    cfg = ModelConfig.load(path / "config.json")
+    tensors = _read_weights(path)
+    model = DeepSeekV3(cfg)  # initialised, so anything the file may lack (MTP) has defined values
+    load_state(model, tensors, path)
+    return cast(model.to(device), dtype).eval()
+
+
+def cast(model: DeepSeekV3, dtype: torch.dtype | None) -> DeepSeekV3:
+    """Cast weights to `dtype`, keeping the router bias in fp32 (it steers selection by tiny steps)."""
+    if dtype is None:
+        return model
+    model.to(dtype)
+    for m in model.moe_layers():
+        if hasattr(m.gate, "e_score_correction_bias"):
+            m.gate.e_score_correction_bias.data = m.gate.e_score_correction_bias.data.float()
+        m.tokens_per_expert.data = m.tokens_per_expert.data.float()
+    model.rotary.theta.data = model.rotary.theta.data.float()
+    return model

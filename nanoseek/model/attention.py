@@ -1,0 +1,124 @@
+"""Multi-head Latent Attention (DeepSeek-V2 paper §2.1, eqs. 9–19).
+
+Keys and values are compressed jointly into a small latent c_kv = W_DKV·h (eq. 9); per-head keys
+and values are up-projections of it (eqs. 10–11). Position goes through a separate, decoupled
+RoPE key k_pe shared by all heads (eq. 14), so the latent itself stays position-free. What must be
+cached per token is therefore only (c_kv, k_pe): kv_lora_rank + qk_rope_head_dim numbers.
+
+Two ways to compute the same attention:
+- expanded (training, prefill): up-project c_kv to K_nope and V for every head, run ordinary
+  softmax attention with q = [q_nope; q_pe], k = [k_nope; k_pe].
+- absorbed (decode over the latent cache): fold W_UK into the query, q_abs = q_nope·W_UK, score
+  directly against c_kv, average c_kv with the softmax weights, and only then apply W_UV. No
+  per-head K or V is ever materialised, which is what makes decoding cheap in memory traffic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = H = cfg.num_attention_heads
+        self.dn, self.dr, self.dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        dq = self.dn + self.dr
+        if cfg.q_lora_rank:  # low-rank query compression (eqs. 12–13)
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=cfg.attention_bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * dq, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * dq, bias=False)
+        # W_DKV and W_KR stacked: rows [c_kv (kv_lora_rank); k_pe (qk_rope_head_dim)]
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, self.rank + self.dr, bias=cfg.attention_bias)
+        self.kv_a_layernorm = RMSNorm(self.rank, cfg.rms_norm_eps)
+        # W_UK and W_UV stacked per head: rows [k_nope (dn); v (dv)]
+        self.kv_b_proj = nn.Linear(self.rank, H * (self.dn + self.dv), bias=False)
+        self.o_proj = nn.Linear(H * self.dv, cfg.hidden_size, bias=cfg.attention_bias)
+        self.scale = cfg.softmax_scale()
+
+    # ------------------------------------------------------------------ projections
+    def queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) → q_nope (B, H, T, dn), rotated q_pe (B, H, T, dr)."""
+        B, T, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latents(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, D) → normalised latent c_kv (B, T, r) and rotated shared key k_pe (B, T, dr).
+
+        These two are everything the cache stores for a token.
+        """
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.rank)
+        return w[:, : self.dn], w[:, self.dn :]  # W_UK (H, dn, r), W_UV (H, dv, r)
+
+    # ------------------------------------------------------------------ the two attention paths
+    def expanded(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Ordinary attention over up-projected keys/values; `mask` None means causal."""
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.dn + self.dv).transpose(1, 2)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.dr)), dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return out.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.dv)
+
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention computed in latent space (REFERENCE §4); `mask` None means causal with the
+        T queries at the last T of the S cached positions."""
+        B, H, T, _ = q_nope.shape
+        S = c_kv.shape[1]
+        w_uk, w_uv = self._w_uk_uv()
+        q_abs = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)  # absorb W_UK into the query
+        scores = torch.einsum("bhtr,bsr->bhts", q_abs, c_kv) + torch.einsum("bhtd,bsd->bhts", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=c_kv.device).tril(S - T)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask
+        p = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_latent = torch.einsum("bhts,bsr->bhtr", p, c_kv)  # softmax-weighted latent
+        out = torch.einsum("bhtr,hvr->bthv", o_latent, w_uv)  # then W_UV
+        return out.reshape(B, T, H * self.dv)
+
+    def forward(self, x: torch.Tensor, cos, sin, cache=None, mask: torch.Tensor | None = None,
+                absorb: bool | None = None) -> torch.Tensor:
+        """x (B, T, D) → (B, T, D).
+
+        Without a cache: causal expanded attention (or `mask`: bool (B|1, 1, T, S), True = attend).
+        With a cache: the new latents are appended through `cache.update(layer_idx, c_kv, k_pe)`,
+        which returns all S cached latents of these sequences; attention is absorbed by default.
+        """
+        q_nope, q_pe = self.queries(x, cos, sin)
+        c_kv, k_pe = self.latents(x, cos, sin)
+        if cache is not None:
+            c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)
+            absorb = True if absorb is None else absorb
+        if absorb:
+            out = self.absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            if mask is None and c_kv.shape[1] != x.shape[1]:
+                T, S = x.shape[1], c_kv.shape[1]
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+            out = self.expanded(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out)
