@@ -125,7 +125,7 @@ class Tokenizer:
     @classmethod
     def load(cls, path) -> "Tokenizer":
         path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
+        file = path if path.is_file() else path / "tokenizer.json"
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")
         try:
