@@ -1,0 +1,1 @@
+"""Evaluation: loss / bits-per-byte and task accuracy (pass@k, maj@k)."""
