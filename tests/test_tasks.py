@@ -174,3 +174,36 @@ def test_extract_answer_contract():
     assert extract_answer("82") == "82"                                          # no tags at all
     assert extract_answer("</think><answer>1</answer><answer>2</answer>") is None  # hedging
     assert get_task("countdown").name == "countdown"
+
+
+# ---- properties ---------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_FACT = __import__("re").compile(r"([\d+\-*/() ]+)=(\d+)")
+
+
+def _all_facts_true(trace: str) -> bool:
+    """Every 'lhs=n' a trace states is arithmetically true (test-only eval of our own text)."""
+    facts = _FACT.findall(trace)
+    return bool(facts) and all(eval(lhs) == int(rhs) for lhs, rhs in facts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 99999), st.integers(0, 99999), st.sampled_from("+-*"))
+def test_every_stated_step_is_true(a, b, op):
+    if op == "-" and a < b:
+        a, b = b, a
+    p = make_problem([a, b], [op])
+    assert int(p.answer) == eval(f"{a}{op}{b}") and _all_facts_true(p.solution)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="0123456789+-*/() x_.", max_size=40))
+def test_countdown_verifier_never_raises(text):
+    assert verify(text, [1, 2, 3, 4], 6) in (True, False)
+
+
+def test_countdown_traces_are_true():
+    for p in CountdownTask().make(50, seed=5):
+        assert _all_facts_true(p.solution.split(". ", 1)[1])
