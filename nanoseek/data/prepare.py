@@ -1,0 +1,240 @@
+"""`nanoseek data prepare`: documents -> clean documents -> token shards.
+
+One streaming pass: each document is normalised, checked by the quality rules,
+by the exact and the near-duplicate index, and, when it survives, sent to a
+worker pool to be tokenized and appended to the shards. Nothing but hashes and
+MinHash band tables is kept per document, so the corpus never sits in memory.
+
+Curation runs in the main process because deduplication is sequential by
+nature (whether a document is a duplicate depends on all earlier ones);
+tokenization is the parallel part. Work goes to the pool in chunks, at most a
+few chunks per worker in flight: ``Pool.imap`` would read the whole input
+ahead into its task queue, which is exactly the unbounded memory we avoid.
+
+Output goes to ``<out>.tmp-<pid>`` and is renamed to ``out`` at the end, so an
+interrupted run never leaves a half-written shard directory behind.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, fields
+from itertools import islice
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nanoseek.data.clean import QualityConfig, build_rules, dedup_key, first_failed_rule, normalize
+from nanoseek.data.dedup import ExactDedup, NearDedup
+from nanoseek.data.shards import ShardWriter
+from nanoseek.data.sources import iter_documents
+
+
+@dataclass
+class PrepareConfig:
+    """`nanoseek data prepare`: clean, deduplicate and tokenize a corpus."""
+
+    data: str  # file, folder, glob or builtin:NAME
+    tokenizer: str  # tokenizer directory (tokenizer.json)
+    out: str  # output directory for shards + report.json
+    text_field: str = "text"
+    max_docs: int | None = None  # read at most this many input documents
+    normalize: str = "NFC"  # NFC | NFKC | none
+    # quality rules (None switches a rule off; see nanoseek.data.clean)
+    min_chars: int | None = QualityConfig.min_chars
+    max_chars: int | None = QualityConfig.max_chars
+    min_alpha_ratio: float | None = QualityConfig.min_alpha_ratio
+    max_symbol_ratio: float | None = QualityConfig.max_symbol_ratio
+    max_dup_line_fraction: float | None = QualityConfig.max_dup_line_fraction
+    max_dup_ngram_fraction: float | None = QualityConfig.max_dup_ngram_fraction
+    exact_dedup: bool = True
+    near_dedup: bool = True
+    near_dup_threshold: float = 0.8  # estimated Jaccard of word 5-gram shingles
+    num_perm: int = 128  # MinHash permutations
+    shingle_words: int = 5
+    workers: int = 2  # tokenizer processes; 0 tokenizes in this process
+    chunk_docs: int = 256  # documents per task sent to a worker
+    shard_tokens: int = 1 << 26  # start a new shard beyond this many tokens
+    write_clean: bool = True  # also write the kept documents to clean.jsonl
+    overwrite: bool = False  # replace an existing, non-empty out directory
+    progress: bool = True
+
+    def quality(self) -> QualityConfig:
+        """The quality thresholds as the filters take them (flat here for the CLI)."""
+        return QualityConfig(**{f.name: getattr(self, f.name) for f in fields(QualityConfig)
+                                if hasattr(self, f.name)})
+
+
+# --------------------------------------------------------------- workers
+_WORKER_TOK = None
+
+
+def _init_worker(tokenizer_dir: str):
+    global _WORKER_TOK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # we are the parallelism
+    from nanoseek.tokenizer import Tokenizer
+
+    _WORKER_TOK = Tokenizer.load(tokenizer_dir)
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    return _WORKER_TOK.encode_batch(texts)
+
+
+def _tokenized(chunks, cfg: PrepareConfig):
+    """Yield token lists for the chunks' documents, in order, bounded in flight."""
+    if cfg.workers <= 0:
+        _init_worker(cfg.tokenizer)
+        for chunk in chunks:
+            yield from _encode_chunk(chunk)
+        return
+    with mp.get_context().Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            while len(pending) > 2 * cfg.workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
+# --------------------------------------------------------------- curation
+class _Curator:
+    """Applies normalisation, rules and dedup; counts what each one removes."""
+
+    def __init__(self, cfg: PrepareConfig):
+        self.cfg = cfg
+        self.rules = build_rules(cfg.quality())
+        self.exact = ExactDedup() if cfg.exact_dedup else None
+        self.near = NearDedup(cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_words) if cfg.near_dedup else None
+        self.removed_docs: Counter = Counter()
+        self.removed_chars: Counter = Counter()
+        self.docs_in = self.chars_in = self.docs_kept = self.chars_kept = 0
+
+    def verdict(self, raw: str) -> tuple[str | None, str]:
+        """(name of the rule that removes the document or None, normalised text)."""
+        text = normalize(raw, self.cfg.normalize)
+        if not text:
+            return "empty", text
+        rule = first_failed_rule(text, self.rules)
+        if rule:
+            return rule, text
+        if self.exact is not None and self.exact.seen(dedup_key(text)):
+            return "exact_dup", text
+        if self.near is not None and self.near.seen(text):
+            return "near_dup", text
+        return None, text
+
+    def __call__(self, docs, bar):
+        for raw in docs:
+            self.docs_in += 1
+            self.chars_in += len(raw)
+            rule, text = self.verdict(raw)
+            bar.update(1)
+            if rule:
+                self.removed_docs[rule] += 1
+                self.removed_chars[rule] += len(raw)
+                continue
+            self.docs_kept += 1
+            self.chars_kept += len(text)
+            yield text
+
+
+def _chunks(it, n):
+    it = iter(it)
+    while chunk := list(islice(it, n)):
+        yield chunk
+
+
+def _check_out(out: Path, overwrite: bool):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} already exists and is not empty (use overwrite to replace it)")
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run curation + tokenization; write shards and report.json; return the report."""
+    from nanoseek.tokenizer import Tokenizer
+
+    out = Path(cfg.out)
+    _check_out(out, cfg.overwrite)
+    if cfg.chunk_docs <= 0:
+        raise ValueError(f"chunk_docs must be positive, got {cfg.chunk_docs}")
+    tok = Tokenizer.load(cfg.tokenizer)  # fail early on a bad tokenizer dir
+    docs = iter_documents(cfg.data, text_field=cfg.text_field)
+    if cfg.max_docs is not None:
+        docs = islice(docs, cfg.max_docs)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        writer = ShardWriter(tmp, tok.vocab_size, tok.eos_id, cfg.shard_tokens)
+        curator = _Curator(cfg)
+        clean_f = open(tmp / "clean.jsonl", "w", encoding="utf-8") if cfg.write_clean else None
+        bar = tqdm(desc="prepare", unit="doc", disable=not cfg.progress, file=sys.stderr)
+
+        def kept():  # tee the kept texts into clean.jsonl as they pass
+            for text in curator(docs, bar):
+                if clean_f:
+                    clean_f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+                yield text
+
+        tokens = 0
+        for ids in _tokenized(_chunks(kept(), cfg.chunk_docs), cfg):
+            tokens += writer.add(ids)
+            bar.set_postfix(kept=curator.docs_kept, tokens=tokens, refresh=False)
+        bar.close()
+        if clean_f:
+            clean_f.close()
+        index = writer.close()
+        report = _report(cfg, curator, index)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if cfg.progress:
+        print(format_report(report))
+    return report
+
+
+# ------------------------------------------------------------------ report
+def _report(cfg: PrepareConfig, c: _Curator, index: dict) -> dict:
+    order = ["empty"] + [name for name, _ in c.rules] + ["exact_dup", "near_dup"]
+    return {
+        "data": cfg.data,
+        "docs_in": c.docs_in,
+        "chars_in": c.chars_in,
+        "removed": {r: {"docs": c.removed_docs[r], "chars": c.removed_chars[r]} for r in order},
+        "docs_removed": sum(c.removed_docs.values()),
+        "docs_kept": c.docs_kept,
+        "chars_kept": c.chars_kept,
+        "tokens": index["num_tokens"],  # including one <|eos|> per document
+        "shards": len(index["shards"]),
+        "dtype": index["dtype"],
+    }
+
+
+def format_report(report: dict) -> str:
+    """The report as a plain-text table, one row per rule."""
+    rows = [("rule", "docs", "chars")]
+    rows.append(("input", str(report["docs_in"]), str(report["chars_in"])))
+    for rule, r in report["removed"].items():
+        rows.append((f"- {rule}", str(r["docs"]), str(r["chars"])))
+    rows.append(("kept", str(report["docs_kept"]), str(report["chars_kept"])))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.append(f"tokens: {report['tokens']} in {report['shards']} shard(s) of {report['dtype']}")
+    return "\n".join(lines)
