@@ -164,12 +164,18 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if add_bos else ids
+    def encode(self, text: str, add_bos: bool = False, allow_special: bool = True) -> list[int]:
+        """Text to ids. ``allow_special=False`` encodes a literal "<|eos|>" in the
+        text as plain bytes: use it for raw corpora, where such a string is data
+        and must not forge a document boundary or a chat turn."""
+        return self.encode_batch([text], add_bos, allow_special)[0]
 
-    def encode_batch(self, texts, add_bos: bool = False) -> list[list[int]]:
-        out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts, add_bos: bool = False, allow_special: bool = True) -> list[list[int]]:
+        self._tok.encode_special_tokens = not allow_special
+        try:
+            out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        finally:
+            self._tok.encode_special_tokens = False
         return [[self.bos_id] + ids for ids in out] if add_bos else out
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

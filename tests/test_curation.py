@@ -58,6 +58,8 @@ def corpus():
              unicodedata.normalize("NFD", clean[4] + " café")]
     clean[4] += " café"  # the NFD copy's NFC original is a clean doc too
     docs[4] = clean[4]
+    clean[5] += " a literal <|eos|> is text"  # must not become a document boundary
+    docs[5] = clean[5]
     near = [_near_copy(rng, clean[i], vocab) for i in range(10, 15)]
     planted["exact_dup"], planted["near_dup"] = len(exact), len(near)
     for item in exact + near + [j for items in JUNK.values() for j in items]:
@@ -155,7 +157,8 @@ def test_shards_decode_to_kept_documents(prepared, corpus, tok_dir):
     shards = TokenShards(cfg.out)
     assert shards.dtype == np.uint16
     assert len(shards.shards) == report["shards"] > 1  # small shard_tokens forces several
-    assert len(shards) == report["tokens"] == sum(len(tok.encode(t)) + 1 for t in clean)
+    assert len(shards) == report["tokens"] == sum(len(tok.encode(t, allow_special=False)) + 1 for t in clean)
+    assert int(np.sum(shards[:] == tok.eos_id)) == N_CLEAN  # eos only at document ends
     assert len(shards.doc_starts) == N_CLEAN and shards.doc_starts[0] == 0
     for i, text in enumerate(clean):
         ids = shards.document(i)

@@ -88,6 +88,10 @@ def test_encode_batch_and_bos(tok):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
     assert tok.encode_batch(texts, add_bos=True)[2] == [tok.bos_id]
     assert tok.encode("a", add_bos=True)[0] == tok.bos_id
+    # raw corpora: special-token strings are plain text, never forged specials
+    plain = tok.encode("a<|eos|>b", allow_special=False)
+    assert not set(plain) & set(range(8)) and tok.decode(plain) == "a<|eos|>b"
+    assert tok.encode("a<|eos|>b") == tok.encode("a") + [tok.eos_id] + tok.encode("b")
 
 
 CONVERSATIONS = [

@@ -83,7 +83,8 @@ def _init_worker(tokenizer_dir: str):
 
 
 def _encode_chunk(texts: list[str]) -> list[list[int]]:
-    return _WORKER_TOK.encode_batch(texts)
+    # a literal "<|eos|>" in a document is text, not a document boundary
+    return _WORKER_TOK.encode_batch(texts, allow_special=False)
 
 
 def _tokenized(chunks, cfg: PrepareConfig):
