@@ -96,6 +96,7 @@ class Tokenizer:
 
     def __init__(self, backend: _HFTokenizer, model_max_length: int = 2048):
         self._tok = backend
+        self._plain: _HFTokenizer | None = None
         self.model_max_length = model_max_length
         ids = [backend.token_to_id(t) for t in SPECIAL_TOKENS]
         if ids != list(range(len(SPECIAL_TOKENS))):
@@ -171,12 +172,17 @@ class Tokenizer:
         return self.encode_batch([text], add_bos, allow_special)[0]
 
     def encode_batch(self, texts, add_bos: bool = False, allow_special: bool = True) -> list[list[int]]:
-        self._tok.encode_special_tokens = not allow_special
-        try:
-            out = [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-        finally:
-            self._tok.encode_special_tokens = False
+        backend = self._tok if allow_special else self._plain_backend()
+        out = [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
         return [[self.bos_id] + ids for ids in out] if add_bos else out
+
+    def _plain_backend(self) -> _HFTokenizer:
+        # A second backend with the flag set, rather than toggling the shared
+        # one, so that concurrent callers (the API server) never race.
+        if self._plain is None:
+            self._plain = _HFTokenizer.from_str(self._tok.to_str())
+            self._plain.encode_special_tokens = True
+        return self._plain
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         # Special tokens decode to their literal text ("<|eos|>"), so a decoded
