@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("nanoseek.counting", "InfoConfig:info"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`
-GROUPS: dict[str, dict[str, tuple[str, str]]] = {}
+GROUPS: dict[str, dict[str, tuple[str, str]]] = {
+    "tokenizer": {"train": ("nanoseek.tokenizer", "TokenizerTrainConfig:train_tokenizer")},
+    "data": {"prepare": ("nanoseek.data.prepare", "PrepareConfig:prepare")},
+}
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
