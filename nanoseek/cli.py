@@ -20,6 +20,7 @@ from typing import Any
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module path, "ConfigClass:function")
     "info": ("nanoseek.counting", "InfoConfig:info"),
+    "serve": ("nanoseek.serve.api", "ServeConfig:serve"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {

@@ -1,0 +1,680 @@
+"""`nanoseek serve`: an OpenAI/DeepSeek-compatible HTTP API (and the web chat page) on the engine.
+
+What a client of api.deepseek.com expects is the contract (REFERENCE §9): the same routes, the
+same request fields, ``reasoning_content`` beside ``content``, usage with prompt-cache hits and
+misses, OpenAI-shaped errors, ``: keep-alive`` comments while a stream waits. Point the official
+``openai`` client at ``http://127.0.0.1:8000/v1`` and it works unchanged.
+
+How a request flows: pydantic validates the body (bad JSON → 400, bad values → 422) → the chat
+template turns messages into ids (``<think>\\n`` pre-opened for reasoner models) → admission
+control (a bounded number in flight, past it 429 with ``Retry-After``) → ``AsyncEngine`` streams
+``StreamEvent``s → :class:`ThinkSplitter` routes text to ``reasoning_content`` or ``content`` →
+usage and cost are computed from the engine's counts (``cached_tokens`` = prefix-cache hits).
+
+A client that goes away cancels its generation: Starlette cancels the streaming body when the
+socket closes, non-streaming requests poll for the disconnect, and closing the engine stream
+aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .metrics import ServeMetrics
+from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+                       ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionRequest,
+                       CompletionResponse, CompletionTokensDetails, Cost, DeltaMessage, ErrorBody,
+                       ErrorResponse, ModelCard, ModelList, PromptTokensDetails, ResponseMessage,
+                       TokenLogprob, TopLogprob, Usage, new_id)
+from .reasoning import CONTENT, REASONING, ThinkSplitter, count_reasoning_tokens
+
+log = logging.getLogger("nanoseek.serve")
+UI_DIR = Path(__file__).parent / "ui"
+
+
+@dataclass
+class ServeConfig:
+    """`nanoseek serve`: the HTTP API and web chat page for one checkpoint."""
+
+    ckpt: str = field(metadata={"help": "checkpoint directory (config.json, model.safetensors, tokenizer.json)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
+    port: int = field(default=8000, metadata={"help": "TCP port"})
+    api_key: list[str] = field(default_factory=list, metadata={
+        "help": "accepted Bearer tokens; none = no auth. Also read from $NANOSEEK_API_KEYS (comma-separated), "
+                "which keeps keys out of `ps`"})
+    model_name: str = field(default="nanoseek", metadata={"help": "model id clients send and /v1/models lists"})
+    think: bool = field(default=False, metadata={
+        "help": "pre-open <think> in the generation prompt for `model_name` (the reasoner template); "
+                "the aliases deepseek-chat / deepseek-reasoner always mean off / on"})
+    price_cache_hit: float = field(default=0.14, metadata={"help": "USD per 1M prompt tokens served from cache"})
+    price_cache_miss: float = field(default=0.55, metadata={"help": "USD per 1M prompt tokens computed"})
+    price_output: float = field(default=2.19, metadata={"help": "USD per 1M completion tokens (reasoning included)"})
+    max_queue: int = field(default=256, metadata={
+        "help": "requests allowed to wait beyond max_num_seqs; past it 429 with Retry-After"})
+    max_tokens_limit: int | None = field(default=None, metadata={
+        "help": "upper bound on max_tokens per request (default: the rest of the context)"})
+    keepalive_s: float = field(default=5.0, metadata={"help": "seconds between SSE ': keep-alive' comments"})
+    max_num_seqs: int = field(default=64, metadata={"help": "engine: sequences decoded together"})
+    max_batch_tokens: int = field(default=2048, metadata={"help": "engine: tokens per step (prefill chunking)"})
+    block_size: int = field(default=16, metadata={"help": "engine: KV-cache block (prefix-cache unit) in tokens"})
+    cache_tokens: int | None = field(default=None, metadata={"help": "engine: KV-cache capacity in tokens"})
+    enable_prefix_cache: bool = field(default=True, metadata={"help": "engine: reuse cached prompt prefixes"})
+    device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: best available)"})
+    dtype: str | None = field(default=None, metadata={"help": "float32 / bfloat16 / float16"})
+    log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+
+    def keys(self) -> list[str]:
+        env = [k.strip() for k in os.environ.get("NANOSEEK_API_KEYS", "").split(",") if k.strip()]
+        return list(self.api_key) + env
+
+
+# ------------------------------------------------------------------------------------- errors
+class APIError(Exception):
+    """An error the client should see, in OpenAI's shape, with DeepSeek's status codes."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_balance",
+             404: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error",
+             500: "server_error", 503: "overloaded_error"}
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.headers = headers or {}
+
+    def response(self) -> JSONResponse:
+        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.TYPES.get(self.status, "error"),
+                                             param=self.param, code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    """Malformed JSON or a body that is not an object → 400; a field with a bad value → 422."""
+    errors = exc.errors()
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        if e.get("type") == "json_invalid":
+            why = (e.get("ctx") or {}).get("error", e.get("msg"))
+            return APIError(400, f"request body is not valid JSON: {why}", "invalid_json")
+        if loc == ("body",):
+            raw = e.get("input")
+            if isinstance(raw, (bytes, str)):  # FastAPI parses JSON only with a JSON content type
+                try:
+                    json.loads(raw)
+                    msg = "send the body with 'Content-Type: application/json'"
+                except ValueError as err:
+                    return APIError(400, f"request body is not valid JSON: {err}", "invalid_json")
+            else:
+                msg = "request body must be a JSON object with the request fields"
+            return APIError(400, msg, "invalid_body")
+    missing = [".".join(str(p) for p in e["loc"][1:]) for e in errors if e.get("type") == "missing"]
+    if missing:
+        return APIError(400, f"request body lacks required field(s): {', '.join(missing)}", "invalid_body",
+                        param=missing[0])
+    first = errors[0] if errors else {}
+    where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
+    detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                       for e in errors[:5])
+    return APIError(422, f"invalid parameters: {detail}", "invalid_parameter", param=where)
+
+
+# ------------------------------------------------------------------------------------ the app
+class _StatusRecorder:
+    """Pure ASGI middleware counting responses by route and status (BaseHTTPMiddleware would
+    buffer streaming bodies and hide client disconnects from the streaming response)."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            known = ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
+                     "/v1/models", "/models", "/health", "/metrics", "/")
+            self.metrics.requests.inc(endpoint=path if path in known else "other", status=str(status["code"]))
+
+
+class _Server:
+    """State shared by the route handlers: engine, tokenizer, config, metrics, admission counter."""
+
+    def __init__(self, engine, cfg: ServeConfig):
+        self.engine, self.cfg = engine, cfg
+        self.tok = engine.tokenizer
+        self.aengine = None  # AsyncEngine, created inside the running event loop (lifespan)
+        self.in_flight = 0
+        self.closing = False
+        self.keys = [k.encode() for k in cfg.keys()]
+        self.models = {cfg.model_name: cfg.think, "deepseek-chat": False, "deepseek-reasoner": True}
+        self.created = int(time.time())
+        self.metrics = ServeMetrics(queue_depth=lambda: self.queue_depth(), running=lambda: engine.num_running,
+                                    in_flight=lambda: self.in_flight, cache_usage=lambda: self.cache_usage())
+
+    # -------------------------------------------------------------- engine state
+    def queue_depth(self) -> int:
+        return self.aengine.queue_depth if self.aengine is not None else self.engine.num_waiting
+
+    def cache_usage(self) -> float:
+        """Fraction of KV blocks held by live requests (prefix-cached free blocks do not count)."""
+        for name in ("cache_usage", "kv_cache_usage"):
+            v = getattr(self.engine, name, None)
+            if v is not None:
+                return float(v() if callable(v) else v)
+        total = getattr(self.engine, "num_blocks", None)
+        free = getattr(self.engine, "num_free_blocks", None)
+        if callable(free):
+            free = free()
+        return 1.0 - free / total if total and free is not None else float("nan")
+
+    # -------------------------------------------------------------- request pieces
+    def check_auth(self, request: Request) -> None:
+        if not self.keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        # compare_digest against every key: no early exit that would time-leak a key's prefix
+        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in self.keys)
+        if not ok:
+            raise APIError(401, "invalid API key: send it as 'Authorization: Bearer <key>'", "invalid_api_key",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    def check_model(self, name: str) -> bool:
+        """The model id → whether its template pre-opens <think>."""
+        if name not in self.models:
+            raise APIError(400, f"model {name!r} does not exist; this server serves {sorted(self.models)}",
+                           "model_not_found", param="model")
+        return self.models[name]
+
+    def render_chat(self, req: ChatCompletionRequest, think_default: bool) -> tuple[list[int], bool]:
+        """Messages → prompt ids, and whether the generation starts inside <think>."""
+        msgs: list[dict] = []
+        for i, m in enumerate(req.messages):
+            if m.reasoning_content is not None:
+                raise APIError(400, f"messages[{i}].reasoning_content must not be sent back: drop the previous "
+                               "turn's reasoning_content and keep only its content", "invalid_request_error",
+                               param=f"messages[{i}].reasoning_content")
+            if m.prefix and (i != len(req.messages) - 1 or m.role != "assistant"):
+                raise APIError(400, "prefix: true is only allowed on the last message, which must be the "
+                               "assistant's", "invalid_request_error", param=f"messages[{i}].prefix")
+            if m.role == "tool":  # the template has no tool role: the result is shown to the model as a user turn
+                tag = f" {m.tool_call_id}" if m.tool_call_id else ""
+                msgs.append({"role": "user", "content": f"[tool result{tag}]\n{m.text()}"})
+            else:
+                msgs.append({"role": m.role, "content": m.text()})
+        if req.tools and req.tool_choice != "none":
+            spec = json.dumps([t.function.model_dump(exclude_none=True) for t in req.tools], ensure_ascii=False)
+            msgs.insert(0, {"role": "system", "content": f"Available tools (JSON): {spec}"})
+        think = think_default if req.thinking is None else req.thinking
+        if req.messages[-1].prefix:  # chat prefix completion: continue the assistant's text as it is
+            ids = self.tok.render_chat(msgs[:-1], add_generation_prompt=True)[0]
+            return ids + self.tok.encode(msgs[-1]["content"], allow_special=False), False
+        return self.tok.render_chat(msgs, add_generation_prompt=True, think=think)[0], think
+
+    def sampling_params(self, req, prompt_len: int, logprobs: bool, top_logprobs: int):
+        from nanoseek.engine import SamplingParams
+
+        room = self.engine.max_context - prompt_len
+        if room < 1:
+            raise APIError(400, f"the prompt is {prompt_len} tokens but this model's context is "
+                           f"{self.engine.max_context} tokens: shorten the messages", "context_length_exceeded",
+                           param="messages")
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or room
+        max_tokens = min(max_tokens, room, self.cfg.max_tokens_limit or room)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+            frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+            repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
+            logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)
+
+    def admit(self) -> None:
+        if self.closing or self.aengine is None:
+            raise APIError(503, "the server is shutting down", "server_unavailable", headers={"Retry-After": "5"})
+        if self.in_flight >= self.cfg.max_num_seqs + self.cfg.max_queue:
+            raise APIError(429, f"too many requests in flight ({self.in_flight}); retry shortly",
+                           "rate_limit_exceeded", headers={"Retry-After": "1"})
+
+    def usage(self, ev, completion_ids: list[int], in_think: bool) -> Usage:
+        prompt, hit = int(ev.num_prompt_tokens), int(ev.cached_tokens)
+        completion = int(ev.num_completion_tokens)
+        reasoning = count_reasoning_tokens(completion_ids, self.tok.end_think_id, self.tok.think_id, in_think)
+        c = self.cfg
+        cost_hit, cost_miss = hit * c.price_cache_hit / 1e6, (prompt - hit) * c.price_cache_miss / 1e6
+        cost_out = completion * c.price_output / 1e6
+        cost = Cost(prompt_cache_hit=round(cost_hit, 12), prompt_cache_miss=round(cost_miss, 12),
+                    completion=round(cost_out, 12), total=round(cost_hit + cost_miss + cost_out, 12))
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                     prompt_cache_hit_tokens=hit, prompt_cache_miss_tokens=prompt - hit,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=hit),
+                     completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning), cost=cost)
+
+    def logprobs(self, ev) -> list[TokenLogprob]:
+        """The engine's per-token logprobs → OpenAI's ``logprobs.content`` entries.
+
+        Accepts (token_id, logprob, {id: logprob}) tuples or objects with those attributes.
+        """
+        out = []
+        for item in ev.logprobs or []:
+            if isinstance(item, (tuple, list)):
+                tid, lp, top = (list(item) + [None])[:3]
+            else:
+                tid = getattr(item, "token_id")
+                lp = getattr(item, "logprob")
+                top = getattr(item, "top_logprobs", None)
+            if isinstance(top, dict):
+                top = list(top.items())
+            tops = [TopLogprob(token=self._tok_text(t), logprob=float(v),
+                               bytes=list(self._tok_text(t).encode())) for t, v in (top or [])]
+            text = self._tok_text(tid)
+            out.append(TokenLogprob(token=text, logprob=float(lp), bytes=list(text.encode()), top_logprobs=tops))
+        return out
+
+    def _tok_text(self, tid: int) -> str:
+        return self.tok.decode([int(tid)])
+
+    # -------------------------------------------------------------- generation
+    async def events(self, prompt_ids, params, request_id: str, keepalive: bool):
+        """Yield StreamEvents, or None every ``keepalive_s`` while no event arrives (for SSE comments).
+
+        The engine stream is advanced in a task that survives the keep-alive timeouts: cancelling
+        ``__anext__`` on a timeout would abort the request it is waiting for.
+        """
+        it = self.aengine.generate_stream(prompt_ids, params, request_id=request_id).__aiter__()
+        pending = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=self.cfg.keepalive_s if keepalive else None)
+                if not done:
+                    yield None
+                    continue
+                task, pending = pending, None
+                try:
+                    ev = task.result()
+                except StopAsyncIteration:
+                    return
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                with suppress(BaseException):
+                    await pending
+            with suppress(Exception):
+                await it.aclose()  # unfinished: the engine aborts the request and frees its blocks
+
+    def finish_metrics(self, usage: Usage | None, t0: float, t_first: float | None, aborted: bool) -> None:
+        m = self.metrics
+        if usage is not None:
+            m.record_usage(usage.prompt_tokens, usage.prompt_cache_hit_tokens, usage.completion_tokens,
+                           usage.completion_tokens_details.reasoning_tokens, usage.cost)
+        if aborted:
+            m.aborted.inc()
+            return
+        m.latency.observe(time.perf_counter() - t0)
+        if t_first is not None:
+            m.ttft.observe(t_first - t0)
+
+
+def create_app(engine, cfg: ServeConfig) -> FastAPI:
+    """The FastAPI app for one engine; ``engine`` is an ``nanoseek.engine.Engine``."""
+    srv = _Server(engine, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from nanoseek.engine import AsyncEngine
+
+        srv.aengine = AsyncEngine(engine)
+        try:
+            yield
+        finally:
+            srv.closing = True
+            res = srv.aengine.shutdown()
+            if asyncio.iscoroutine(res):
+                await res
+
+    app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI/DeepSeek-compatible API for a nanoseek checkpoint")
+    app.state.server = srv
+    app.add_middleware(_StatusRecorder, metrics=srv.metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _validation_error(exc).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        err = APIError(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else None)
+        err.headers = dict(exc.headers or {})
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return APIError(500, f"internal server error: {type(exc).__name__}", "internal_error").response()
+
+    auth = [Depends(srv.check_auth)]
+
+    # ---------------------------------------------------------------- info routes
+    @app.get("/health")
+    async def health():
+        return {"status": "ok" if srv.aengine is not None and not srv.closing else "starting",
+                "model": cfg.model_name, "max_context": engine.max_context, "in_flight": srv.in_flight,
+                "queue_depth": srv.queue_depth(), "running": engine.num_running,
+                "waiting": engine.num_waiting, "kv_cache_usage": srv.cache_usage()}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(srv.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", dependencies=auth, response_model=ModelList)
+    @app.get("/models", dependencies=auth, response_model=ModelList, include_in_schema=False)
+    async def models():
+        return ModelList(data=[ModelCard(id=name, created=srv.created, max_model_len=engine.max_context)
+                               for name in srv.models])
+
+    # ---------------------------------------------------------------- chat
+    @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse,
+              responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+    @app.post("/chat/completions", dependencies=auth, include_in_schema=False)
+    async def chat(req: ChatCompletionRequest, request: Request):
+        think = srv.check_model(req.model)
+        prompt_ids, in_think = srv.render_chat(req, think)
+        top = req.top_logprobs or 0
+        params = srv.sampling_params(req, len(prompt_ids), req.logprobs or top > 0, top)
+        srv.admit()
+        rid = new_id("chatcmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_chat_stream(srv, req, rid, prompt_ids, params, in_think, include_usage))
+        return await _until_disconnect(request, _chat_full(srv, req, rid, prompt_ids, params, in_think))
+
+    # ---------------------------------------------------------------- completions
+    @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
+              responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
+                         422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
+    @app.post("/completions", dependencies=auth, include_in_schema=False)
+    async def completions(req: CompletionRequest, request: Request):
+        srv.check_model(req.model)
+        if req.suffix is not None:
+            raise APIError(422, "suffix (fill-in-the-middle) is not supported: nanoseek's tokenizer has no FIM "
+                           "tokens", "invalid_parameter", param="suffix")
+        if isinstance(req.prompt, str):
+            prompt_ids = srv.tok.encode(req.prompt, add_bos=True, allow_special=False)
+        else:
+            bad = [t for t in req.prompt if not 0 <= t < srv.tok.vocab_size]
+            if bad:
+                raise APIError(422, f"prompt token ids out of range [0, {srv.tok.vocab_size}): {bad[:5]}",
+                               "invalid_parameter", param="prompt")
+            prompt_ids = list(req.prompt)
+        top = req.logprobs or 0
+        params = srv.sampling_params(req, len(prompt_ids), req.logprobs is not None, top)
+        srv.admit()
+        rid = new_id("cmpl")
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(_completion_stream(srv, req, rid, prompt_ids, params, include_usage))
+        return await _until_disconnect(request, _completion_full(srv, req, rid, prompt_ids, params))
+
+    # ---------------------------------------------------------------- the web page
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
+    return app
+
+
+# ------------------------------------------------------------------------------ generation bodies
+def _sse(gen) -> StreamingResponse:
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _data(obj) -> str:
+    payload = obj if isinstance(obj, str) else obj.model_dump_json(exclude_none=True)
+    return f"data: {payload}\n\n"
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run a non-streaming generation, cancelling it (and so freeing its cache) if the client leaves."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                with suppress(BaseException):
+                    await task
+                return PlainTextResponse("", status_code=499)  # nobody reads it; nginx's "client closed"
+    finally:
+        if not task.done():
+            task.cancel()
+            with suppress(BaseException):
+                await task
+
+
+async def _chat_full(srv: _Server, req, rid, prompt_ids, params, in_think):
+    srv.in_flight += 1
+    t0, t_first, usage, finished = time.perf_counter(), None, None, False
+    text, ids, lps, ev = [], [], [], None
+    try:
+        async for ev in srv.events(prompt_ids, params, rid, keepalive=False):
+            if t_first is None and ev.token_ids:
+                t_first = time.perf_counter()
+            text.append(ev.text_delta)
+            ids += list(ev.token_ids)
+            if params.logprobs:
+                lps += srv.logprobs(ev)
+            finished = ev.finished
+        if ev is None:
+            raise APIError(500, "the engine returned no output", "internal_error")
+        splitter = ThinkSplitter(in_think)
+        pieces = splitter.feed("".join(text)) + splitter.flush()
+        reasoning = "".join(t for k, t in pieces if k == REASONING)
+        content = "".join(t for k, t in pieces if k == CONTENT)
+        usage = srv.usage(ev, ids, in_think)
+        msg = ResponseMessage(content=content, reasoning_content=reasoning if splitter.saw_think else None)
+        return ChatCompletionResponse(
+            id=rid, model=req.model, usage=usage,
+            choices=[ChatChoice(message=msg, finish_reason=ev.finish_reason,
+                                logprobs=ChoiceLogprobs(content=lps) if params.logprobs else None)])
+    finally:
+        srv.in_flight -= 1
+        if usage is None and ev is not None:
+            usage = srv.usage(ev, ids, in_think)
+        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+
+
+async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, include_usage):
+    srv.in_flight += 1
+    t0, t_first, usage, finished, ev = time.perf_counter(), None, None, False, None
+    created, ids = int(time.time()), []
+    splitter = ThinkSplitter(in_think)
+
+    def chunk(delta: DeltaMessage, finish=None, lps=None):
+        return _data(ChatCompletionChunk(
+            id=rid, created=created, model=req.model,
+            choices=[ChatChunkChoice(delta=delta, finish_reason=finish,
+                                     logprobs=ChoiceLogprobs(content=lps) if lps else None)]))
+
+    def pieces_out(pieces, lps=None):
+        for kind, text in pieces:
+            delta = DeltaMessage(reasoning_content=text) if kind == REASONING else DeltaMessage(content=text)
+            yield chunk(delta, lps=lps)
+            lps = None
+
+    try:
+        yield chunk(DeltaMessage(role="assistant", content=""))
+        async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
+            if ev is None:
+                yield ": keep-alive\n\n"
+                continue
+            if t_first is None and ev.token_ids:
+                t_first = time.perf_counter()
+                srv.metrics.queue_time.observe(t_first - t0)
+            ids += list(ev.token_ids)
+            lps = srv.logprobs(ev) if params.logprobs else None
+            for c in pieces_out(splitter.feed(ev.text_delta), lps):
+                yield c
+            if ev.finished:
+                finished = True
+                for c in pieces_out(splitter.flush()):
+                    yield c
+                yield chunk(DeltaMessage(), finish=ev.finish_reason)
+                usage = srv.usage(ev, ids, in_think)
+                if include_usage:
+                    yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                                    usage=usage))
+        yield _data("[DONE]")
+    except APIError as e:  # after the 200 went out, an error can only travel inside the stream
+        yield _data(json.dumps(ErrorResponse(error=ErrorBody(
+            message=e.message, type=APIError.TYPES.get(e.status, "error"), code=e.code)).model_dump()))
+    finally:
+        srv.in_flight -= 1
+        if usage is None and ev is not None:
+            usage = srv.usage(ev, ids, in_think)
+        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+
+
+def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
+    return {"tokens": [x.token for x in lps], "token_logprobs": [x.logprob for x in lps],
+            "top_logprobs": [{t.token: t.logprob for t in x.top_logprobs} for x in lps]}
+
+
+async def _completion_full(srv: _Server, req, rid, prompt_ids, params):
+    srv.in_flight += 1
+    t0, t_first, usage, finished, ev = time.perf_counter(), None, None, False, None
+    text, ids, lps = [], [], []
+    try:
+        async for ev in srv.events(prompt_ids, params, rid, keepalive=False):
+            if t_first is None and ev.token_ids:
+                t_first = time.perf_counter()
+            text.append(ev.text_delta)
+            ids += list(ev.token_ids)
+            if params.logprobs:
+                lps += srv.logprobs(ev)
+            finished = ev.finished
+        if ev is None:
+            raise APIError(500, "the engine returned no output", "internal_error")
+        out = "".join(text)
+        if req.echo:
+            out = (req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt)) + out
+        usage = srv.usage(ev, ids, False)
+        return CompletionResponse(id=rid, model=req.model, usage=usage, choices=[CompletionChoice(
+            text=out, finish_reason=ev.finish_reason,
+            logprobs=_completion_logprobs(lps) if params.logprobs else None)])
+    finally:
+        srv.in_flight -= 1
+        if usage is None and ev is not None:
+            usage = srv.usage(ev, ids, False)
+        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+
+
+async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include_usage):
+    srv.in_flight += 1
+    t0, t_first, usage, finished, ev = time.perf_counter(), None, None, False, None
+    created, ids = int(time.time()), []
+
+    def chunk(text, finish=None, usage=None, lps=None):
+        choices = [] if usage is not None else [{"index": 0, "text": text, "finish_reason": finish,
+                                                 "logprobs": lps}]
+        body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage.model_dump()
+        return _data(json.dumps(body, ensure_ascii=False))
+
+    try:
+        if req.echo:
+            yield chunk(req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt))
+        async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
+            if ev is None:
+                yield ": keep-alive\n\n"
+                continue
+            if t_first is None and ev.token_ids:
+                t_first = time.perf_counter()
+            ids += list(ev.token_ids)
+            lps = _completion_logprobs(srv.logprobs(ev)) if params.logprobs else None
+            if ev.text_delta or ev.finished:
+                yield chunk(ev.text_delta, ev.finish_reason if ev.finished else None, lps=lps)
+            if ev.finished:
+                finished = True
+                usage = srv.usage(ev, ids, False)
+                if include_usage:
+                    yield chunk("", usage=usage)
+        yield _data("[DONE]")
+    finally:
+        srv.in_flight -= 1
+        if usage is None and ev is not None:
+            usage = srv.usage(ev, ids, False)
+        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+
+
+# ------------------------------------------------------------------------------------ command
+def _dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    try:
+        return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"--dtype {name!r}: expected float32, bfloat16 or float16") from None
+
+
+def build_engine(cfg: ServeConfig):
+    from nanoseek.engine import Engine
+
+    if not Path(cfg.ckpt).is_dir():
+        raise FileNotFoundError(f"--ckpt {cfg.ckpt}: no such checkpoint directory")
+    return Engine(cfg.ckpt, device=cfg.device, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.max_num_seqs,
+                  max_batch_tokens=cfg.max_batch_tokens, block_size=cfg.block_size,
+                  cache_tokens=cfg.cache_tokens, enable_prefix_cache=cfg.enable_prefix_cache)
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Serve a checkpoint over an OpenAI/DeepSeek-compatible HTTP API, with a web chat page at /."""
+    import uvicorn
+
+    engine = build_engine(cfg)
+    app = create_app(engine, cfg)
+    n_keys = len(cfg.keys())
+    auth = f"{n_keys} API key(s)" if n_keys else "no API key (anyone who can reach the port can use it)"
+    print(f"nanoseek serve: {cfg.ckpt} as {cfg.model_name!r} on http://{cfg.host}:{cfg.port} "
+          f"(chat page at /, API at /v1, {auth})", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)

@@ -1,0 +1,257 @@
+"""Request and response bodies of the OpenAI/DeepSeek chat API (REFERENCE §9), as pydantic models.
+
+Why pydantic and why these exact names: clients (the official ``openai`` package, LangChain,
+curl scripts written against api.deepseek.com) send these fields and read these fields, so the
+names are the contract. Validation here is what turns a bad parameter into a 422 that names
+the field, instead of an exception deep in the sampler.
+
+Bounds follow the DeepSeek/OpenAI docs: temperature in [0, 2], top_p in [0, 1], penalties in
+[-2, 2], at most 16 stop sequences, top_logprobs in [0, 20]. A few nanoseek extensions
+(``top_k``, ``repetition_penalty``, ``ignore_eos``, ``thinking``) are optional and named as
+vLLM names them, so the same client code works against both.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class _Lenient(BaseModel):
+    # Unknown fields are ignored, not rejected: SDKs add fields (``user``, ``metadata``, …)
+    # faster than any server tracks them, and OpenAI's own server ignores what it does not use.
+    model_config = ConfigDict(extra="ignore")
+
+
+# ------------------------------------------------------------------------------ requests
+class TextPart(_Lenient):
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(_Lenient):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+    # Present only to be rejected with a 400 that says why (REFERENCE §9): a client that sends
+    # back the previous turn's reasoning would otherwise silently grow every prompt.
+    reasoning_content: str | None = None
+    prefix: bool | None = None  # chat prefix completion (beta): last assistant message continues
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object"] = "text"
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class _SamplingFields(_Lenient):
+    """Fields shared by /chat/completions and /completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    n: int = Field(1, ge=1, le=1)  # one choice per request; more would multiply cost silently
+    user: str | None = None
+    # nanoseek / vLLM extensions
+    top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = off
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    ignore_eos: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        v = [v] if isinstance(v, str) else v
+        if len(v) > 16:
+            raise ValueError("at most 16 stop sequences")
+        if any(s == "" for s in v):
+            raise ValueError("stop sequences must be non-empty strings")
+        return v
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    # nanoseek extension: pre-open "<think>\n" in the generation prompt (None = server default)
+    thinking: bool | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] = Field(min_length=1)
+    suffix: str | None = None  # FIM (beta); nanoseek's tokenizer has no FIM tokens, so rejected
+    echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ------------------------------------------------------------------------------ responses
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Cost(BaseModel):
+    """What this request cost at the configured per-million-token prices (USD)."""
+
+    prompt_cache_hit: float
+    prompt_cache_miss: float
+    completion: float
+    total: float
+    currency: str = "USD"
+
+
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # OpenAI's spelling of prompt_cache_hit_tokens
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_cache_hit_tokens: int
+    prompt_cache_miss_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails
+    cost: Cost
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = []
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ResponseMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str = "nanoseek"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str = "nanoseek"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    system_fingerprint: str = "nanoseek"
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "nanoseek"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
