@@ -1,0 +1,334 @@
+"""The inference engine: continuous batching over a paged latent cache, with prefix caching.
+
+One `step()` = plan (scheduler) → at most two batched forwards → sample → detokenise:
+
+* decode rows (one new token each) run the *absorbed* MLA path: every request's blocks are
+  gathered into a padded (B, S, rank + rope) latent tensor and scored in latent space, which is
+  the memory-cheap way to attend over a long cache (REFERENCE §4);
+* prefill chunks run the *expanded* path (compute-friendly), attending to their own new tokens
+  and to whatever earlier blocks the prefix cache or earlier chunks already hold.
+
+Rows of different lengths share a forward through padding: per-row positions for RoPE and a
+boolean (B, 1, T, S) mask. Padded tokens write their latents to the scratch block 0, so padding
+never touches a live request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .detok import Detokenizer, token_bytes_table
+from .kv_cache import BlockManager, PagedLatentCache, StepCache
+from .sampling import SamplerState, SamplingParams, TokenLogprob, sample
+from .scheduler import Request, Scheduler
+
+
+class PromptTooLongError(ValueError):
+    """The prompt cannot be served: it does not fit the model's context (or the whole KV cache)."""
+
+
+@dataclass
+class RequestOutput:
+    """The final result of one request."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    cached_tokens: int
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass
+class StreamEvent:
+    """What one step produced for one request."""
+
+    request_id: str
+    text_delta: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    cached_tokens: int
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    logprobs: list[TokenLogprob] | None
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on accelerators; fp32 on CPU, where bf16 matmuls are slower on most laptop cores
+    (measured in benchmarks/decode.py) and the cache is small anyway."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class Engine:
+    def __init__(self, model_or_path, tokenizer=None, *, device=None, dtype=None, max_num_seqs: int = 64,
+                 max_batch_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
+                 cache_tokens: int | None = None, enable_prefix_cache: bool = True):
+        from ..checkpoint import cast, load_pretrained
+        from ..tokenizer import Tokenizer
+
+        if isinstance(model_or_path, (str, Path)):
+            path = Path(model_or_path)
+            dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            model = load_pretrained(path, device=dev, dtype=dtype or default_dtype(dev))
+            if tokenizer is None and (path / "tokenizer.json").is_file():
+                tokenizer = Tokenizer.load(path)
+        else:
+            model = model_or_path
+            if device is not None:
+                model = model.to(device)
+            model = cast(model, dtype)
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = Tokenizer.load(tokenizer)
+        self.model = model.eval()
+        self.config = cfg = model.config
+        self.tokenizer = tokenizer
+        self.device = model.embed_tokens.weight.device
+        self.max_context: int = cfg.max_position_embeddings
+        self.block_size = block_size
+        if max_batch_tokens < 1 or max_num_seqs < 1:
+            raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_num_seqs={max_num_seqs} must be ≥ 1")
+        per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.embed_tokens.weight.element_size()
+        if num_blocks is None:
+            if cache_tokens is None:  # room for every sequence at full context, within a memory cap
+                cap = 1 << 30
+                if self.device.type == "cuda":
+                    cap = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
+                cache_tokens = min(max_num_seqs * self.max_context, cap // per_token)
+            num_blocks = math.ceil(cache_tokens / block_size) + 1  # + the scratch block
+        self.cache = PagedLatentCache.for_model(model, num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_cache)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
+        self.num_blocks = num_blocks - 1  # usable (block 0 is scratch)
+        self._table = token_bytes_table(tokenizer) if tokenizer is not None else None
+        eos = getattr(tokenizer, "eos_id", None)
+        self.eos_id = eos if eos is not None else cfg.eos_token_id
+        self._ids = itertools.count()
+        self._live: dict[str, Request] = {}
+        self._outputs: dict[str, RequestOutput] = {}
+        self._aborted: list[StreamEvent] = []
+        self._arange_bs = torch.arange(block_size, device=self.device)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
+    @property
+    def cache_usage(self) -> float:
+        """Fraction of blocks held by live requests (cached-but-unused prefix blocks count as free)."""
+        return self.blocks.num_used / self.num_blocks
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.cache.bytes_per_token
+
+    @property
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"prefill_tokens": s.prefill_tokens, "preemptions": s.num_preempted}
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("a text prompt needs a tokenizer; pass token ids or Engine(..., tokenizer=)")
+            return self.tokenizer.encode(prompt)
+        return [int(i) for i in prompt]
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, *, _keep_output: bool = False) -> str:
+        """Queue a request; it joins the running batch at the next step with room. Returns its id."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode(prompt_ids)
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("empty prompt: at least one token is needed to predict the next")
+        if n >= self.max_context:
+            raise PromptTooLongError(f"the prompt is {n} tokens but the model's context is {self.max_context} "
+                                     f"tokens (prompt + at least 1 generated token must fit); shorten the prompt")
+        capacity = self.num_blocks * self.block_size
+        if n + 1 > capacity:
+            raise PromptTooLongError(f"the prompt is {n} tokens but the whole KV cache holds {capacity} tokens "
+                                     f"(context limit {self.max_context}); raise cache_tokens / num_blocks")
+        bad = [i for i in prompt_ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.config.vocab_size})")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._live:
+            raise ValueError(f"request id {rid!r} is already in use")
+        r = Request(rid, prompt_ids, params, min(n + params.max_tokens, self.max_context),
+                    SamplerState(params, prompt_ids, self.config.vocab_size, self.device),
+                    Detokenizer(self.tokenizer, params.stop, self._table), next(self._ids),
+                    all_ids=list(prompt_ids), keep_output=_keep_output)
+        r.stop_ids = set(params.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not params.ignore_eos else set())
+        r.logprobs = [] if (params.logprobs or params.top_logprobs) else None
+        self._live[rid] = r
+        self.scheduler.waiting.append(r)
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its cache blocks; its last event (finish_reason "abort")
+        comes out of the next step()."""
+        r = self._live.get(request_id)
+        if r is None:
+            return
+        s = self.scheduler
+        if r in s.running:
+            s.running.remove(r)
+        elif r in s.waiting:
+            s.waiting.remove(r)
+        s.free(r)
+        self._aborted.append(self._finish(r, "abort", ""))
+
+    def _finish(self, r: Request, reason: str, delta: str, tokens=(), lps=None) -> StreamEvent:
+        r.finish_reason = reason
+        self._live.pop(r.request_id, None)
+        if r.keep_output:
+            self._outputs[r.request_id] = RequestOutput(r.request_id, r.prompt_ids, r.output_ids, r.detok.text,
+                                                        reason, r.cached_tokens or 0, r.logprobs)
+        return self._event(r, delta, list(tokens), reason, lps)
+
+    def _event(self, r: Request, delta: str, tokens: list[int], reason: str | None, lps) -> StreamEvent:
+        return StreamEvent(r.request_id, delta, tokens, reason is not None, reason, r.cached_tokens or 0,
+                           len(r.prompt_ids), len(r.all_ids) - len(r.prompt_ids), lps)
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> list[StreamEvent]:
+        """Run one scheduling step; return an event for every request that produced something."""
+        events, self._aborted = self._aborted, []
+        batch, stuck = self.scheduler.schedule()
+        for r in stuck:  # alone, and the whole cache cannot hold one more token
+            self.scheduler.running.remove(r)
+            self.scheduler.free(r)
+            events.append(self._finish(r, "length", r.detok.flush()))
+        rows: list[torch.Tensor] = []
+        ready: list[Request] = []
+        if batch.decode:
+            rows.append(self._forward(batch.decode, [1] * len(batch.decode), absorb=True))
+            ready += batch.decode
+        if batch.prefill:
+            reqs = [r for r, _ in batch.prefill]
+            lens = [n for _, n in batch.prefill]
+            done = [r.remaining == n for r, n in batch.prefill]  # chunk reaches the end: sample
+            if any(done):
+                h = self._forward(reqs, lens, absorb=False)
+                rows.append(h[torch.tensor(done, device=self.device)])
+                ready += [r for r, d in zip(reqs, done) if d]
+            else:
+                self._forward(reqs, lens, absorb=False)
+        for r, n in [(r, 1) for r in batch.decode] + batch.prefill:
+            r.num_computed += n
+            self.scheduler.register_full_blocks(r)
+        if not ready:
+            return events
+        m = self.model
+        logits = m.lm_head(m.norm(torch.cat(rows))).float()
+        tokens, lps = sample(logits, [r.sampler for r in ready])
+        for r, tok, lp in zip(ready, tokens, lps):
+            events.append(self._accept(r, tok, lp))
+        return events
+
+    def _accept(self, r: Request, tok: int, lp: TokenLogprob | None) -> StreamEvent:
+        r.all_ids.append(tok)
+        r.sampler.observe(tok)
+        if r.logprobs is not None:
+            r.logprobs.append(lp)
+        is_stop = tok in r.stop_ids
+        delta = r.detok.add(tok, visible=not is_stop)
+        reason = "stop" if (is_stop or r.detok.stopped) else ("length" if len(r.all_ids) >= r.max_len else None)
+        lps = [lp] if lp is not None else None
+        if reason is None:
+            return self._event(r, delta, [tok], None, lps)
+        self.scheduler.running.remove(r)
+        self.scheduler.free(r)
+        return self._finish(r, reason, delta + r.detok.flush(), [tok], lps)
+
+    def _forward(self, reqs: list[Request], lens: list[int], absorb: bool) -> torch.Tensor:
+        """One batched forward of `lens[i]` new tokens for each request → each row's last hidden state."""
+        dev, bs = self.device, self.block_size
+        B, T = len(reqs), max(lens)
+        starts = [r.num_computed for r in reqs]
+        S = max(s + n for s, n in zip(starts, lens))
+        nb = -(-S // bs)
+        table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r in reqs], device=dev)
+        slots = (table[:, :, None] * bs + self._arange_bs).view(B, -1)[:, :S]  # (B, S): where each position lives
+        start = torch.tensor(starts, device=dev)[:, None]
+        if T == 1:
+            ids = torch.tensor([[r.all_ids[s]] for r, s in zip(reqs, starts)], device=dev)
+            pos = start
+            write = slots.gather(1, pos)
+            mask = (torch.arange(S, device=dev) <= pos)[:, None, None, :]
+        else:
+            ids = torch.tensor([(r.all_ids[s:s + n] + [0] * T)[:T] for r, s, n in zip(reqs, starts, lens)], device=dev)
+            t = torch.arange(T, device=dev)[None]
+            valid = t < torch.tensor(lens, device=dev)[:, None]
+            pos = torch.where(valid, start + t, 0)
+            write = torch.where(valid, slots.gather(1, pos), 0)  # padding → scratch slot 0
+            cols = torch.arange(S, device=dev)[None, None]
+            # real rows: causal over the sequence's own positions; padded rows: column 0 only (no NaN rows)
+            mask = torch.where(valid[..., None], cols <= pos[..., None], cols == 0)[:, None]
+        h = self.model.hidden_states(ids, positions=pos, cache=StepCache(self.cache, write, slots), mask=mask,
+                                     absorb=absorb)
+        last = torch.tensor(lens, device=dev) - 1
+        return h[torch.arange(B, device=dev), last]
+
+    # ------------------------------------------------------------------ conveniences
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run all prompts to completion (batched, continuous) → outputs in the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        plist = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        rids = [self.add_request(p, sp, _keep_output=True) for p, sp in zip(prompts, plist)]
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+            bar = tqdm(total=len(rids), desc="generate", unit="req")
+        pending = set(rids)
+        while pending:
+            for ev in self.step():
+                if ev.finished and ev.request_id in pending:
+                    pending.discard(ev.request_id)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [self._outputs.pop(r) for r in rids]
+
+    def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[StreamEvent]:
+        """Generate one prompt, yielding its events as they come (drives step() itself; closing the
+        iterator early aborts the request)."""
+        rid = self.add_request(self.encode(prompt), params)
+        finished = False
+        try:
+            while not finished:
+                for ev in self.step():
+                    if ev.request_id == rid:
+                        finished = ev.finished
+                        yield ev
+        finally:
+            if not finished:
+                self.abort(rid)
+                self._aborted = [e for e in self._aborted if e.request_id != rid]
