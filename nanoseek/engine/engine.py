@@ -146,6 +146,18 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block. Call it after the weights change in place (GRPO
+        trains the very model object the engine holds): cached latents were computed by the old
+        weights and would otherwise be reused for the next rollouts' prompts."""
+        if self.has_unfinished():
+            raise RuntimeError("reset_prefix_cache() needs an idle engine (requests are still running)")
+        bm = self.blocks
+        bm.free.extend(bm.lru)
+        bm.lru.clear()
+        bm.key_of.clear()
+        bm.block_of.clear()
+
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
