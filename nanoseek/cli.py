@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module path, "ConfigClass:function")
     "info": ("nanoseek.counting", "InfoConfig:info"),
     "serve": ("nanoseek.serve.api", "ServeConfig:serve"),
+    "pretrain": ("nanoseek.train.pretrain", "PretrainConfig:pretrain"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {

@@ -1,0 +1,148 @@
+"""`nanoseek pretrain`: next-token pretraining of a DeepSeek-V3 model from a preset.
+
+    nanoseek pretrain --preset small --data builtin:arith --out runs/demo/pretrain
+    torchrun --nproc_per_node 2 -m nanoseek.cli pretrain ...          # DDP (add --fsdp for FSDP2)
+
+The loss is V3's (eqs. 20, 25): L = L_main + λ·L_MTP + α·L_Bal, with the router bias nudged by γ
+after every step (aux-loss-free balancing). The defaults are tuned so that the command with no
+flags trains the `small` preset on the built-in arithmetic corpus, on a 2-core CPU, in under ten
+minutes, into a model that adds held-out numbers correctly more often than not (docs/pretraining.md).
+
+A run directory holds: config.json (the resolved PretrainConfig), tokenizer/ (trained here when
+none is given and the data is builtin), metrics.jsonl, checkpoints/step_N/ (the last K),
+final/ (a complete HF directory: `nanoseek.load_model(dir)` and transformers both load it),
+eval.json and report.md with the loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..config import preset
+from ..model import DeepSeekV3
+from .data import BatchLoader, open_streams, parse_builtin, val_batches
+from .loop import Trainer, TrainConfig, init_distributed
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """`nanoseek pretrain`: train a preset model on token shards or a builtin corpus."""
+
+    preset: str = field(default="small", metadata={"help": "model preset (nanoseek.config.PRESETS)"})
+    data: str = field(default="builtin:arith", metadata={"help": "token shard dir (nanoseek data prepare) or builtin:NAME[?n=&seed=]"})
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir; default: trained into RUN/tokenizer (builtin data)"})
+    out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
+    steps: int = 500
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    mtp_weight: float = field(default=0.3, metadata={"help": "λ of the MTP loss (V3: 0.3 early, 0.1 later)"})
+    balance_alpha: float = field(default=1e-4, metadata={"help": "α of the sequence-wise balance loss"})
+    vocab_size: int = field(default=0, metadata={"help": "model vocab; 0 = the tokenizer's, rounded up to 64 (at most the preset's)"})
+    val_tokens: int = field(default=16384, metadata={"help": "validation tokens per evaluation"})
+    eval_every: int = 100
+    save_every: int = 100
+    arith_eval: int = field(default=200, metadata={"help": "held-out addition problems scored at the end (builtin:arith); 0 = skip"})
+    arith_digits: int = field(default=3, metadata={"help": "max digits per operand in the addition eval"})
+
+
+def get_tokenizer(cfg: PretrainConfig, vocab_size: int, env):
+    """The given tokenizer, or one trained on the builtin corpus into RUN/tokenizer (rank 0 trains)."""
+    from ..tokenizer import Tokenizer
+
+    if cfg.tokenizer:
+        return Tokenizer.load(cfg.tokenizer)
+    path = Path(cfg.out) / "tokenizer"
+    if not cfg.data.startswith("builtin:"):
+        raise ValueError(f"--data {cfg.data}: token shards were made with a tokenizer; pass it with --tokenizer")
+    if env.is_main and not (cfg.resume and (path / "tokenizer.json").exists()):
+        from ..tasks import builtin_corpus
+
+        name, n, seed = parse_builtin(cfg.data)
+        tok = Tokenizer.train(builtin_corpus(name, min(n, 5000), seed), vocab_size)
+        tok.save(path)
+    if env.distributed:
+        dist.barrier()
+    return Tokenizer.load(path)
+
+
+def model_vocab(cfg: PretrainConfig, preset_vocab: int, tok_vocab: int) -> int:
+    """A small tokenizer (arithmetic needs ~300 tokens) gets a small embedding and head; never
+    fewer rows than the tokenizer has ids. Multiples of 64 keep matmuls aligned."""
+    if cfg.vocab_size:
+        if cfg.vocab_size < tok_vocab:
+            raise ValueError(f"--vocab-size {cfg.vocab_size} is smaller than the tokenizer's {tok_vocab} ids")
+        return cfg.vocab_size
+    return max(tok_vocab, min(preset_vocab, -(-tok_vocab // 64) * 64))
+
+
+def lm_loss(mtp_weight: float, balance_alpha: float):
+    """loss_fn for Trainer: V3's total loss on a (input_ids, targets) batch, parts reported."""
+
+    def fn(model, batch):
+        x, y = batch
+        out = model(x, y, mtp_weight=mtp_weight, balance_alpha=balance_alpha)
+        return out.loss, {"lm_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "balance_loss": out.balance_loss}
+
+    return fn
+
+
+def pretrain(cfg: PretrainConfig, on_step=None) -> Path:
+    """Pretrain, evaluate, write the report; returns RUN/final."""
+    from ..cli import save_run_config
+    from ..eval.loss import evaluate_loss, token_bytes
+
+    env = init_distributed(cfg.device)
+    base = preset(cfg.preset)
+    tok = get_tokenizer(cfg, base.vocab_size, env)
+    mcfg = base.replace(vocab_size=model_vocab(cfg, base.vocab_size, tok.vocab_size),
+                        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    if cfg.seq_len + 1 > mcfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {cfg.preset} preset's "
+                         f"max_position_embeddings={mcfg.max_position_embeddings}")
+    if env.is_main:
+        save_run_config(cfg, cfg.out)
+    train, val = open_streams(cfg.data, tok)
+    if train.vocab_size and train.vocab_size > mcfg.vocab_size:
+        raise ValueError(f"--data {cfg.data}: ids up to {train.vocab_size} but the model has {mcfg.vocab_size}")
+    loader = BatchLoader(train, cfg.batch_size, cfg.seq_len, env.rank, env.world_size)
+    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+    model = DeepSeekV3(mcfg)
+    trainer = Trainer(cfg, model, tokenizer=tok, env=env,
+                      find_unused_parameters=not cfg.mtp_weight and mcfg.num_nextn_predict_layers > 0)
+    nbytes = token_bytes(tok, mcfg.vocab_size)
+
+    def evaluate(tr: Trainer) -> dict:
+        batches = val_batches(val, max(1, cfg.micro_batch_size or cfg.batch_size), cfg.seq_len, cfg.val_tokens)
+        r = evaluate_loss(tr.model, batches, tr.device, nbytes, tr.amp)
+        return {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}
+
+    final = trainer.fit(loader, lm_loss(cfg.mtp_weight, cfg.balance_alpha), evaluate=evaluate, on_step=on_step)
+    if env.is_main:
+        results = {}
+        if cfg.arith_eval and cfg.data.startswith("builtin:arith"):
+            results = evaluate_arith(final, tok, cfg.arith_eval, cfg.arith_digits, env.device)
+            trainer.log({"step": trainer.step, "arith_accuracy": results["accuracy"],
+                         "arith_n": results["n"], "arith_digits": results["digits"]})
+            (Path(cfg.out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        from ..report import write_report
+
+        write_report(cfg.out, title=f"pretrain: {cfg.preset} on {cfg.data}", evals=results)
+    if env.distributed:
+        dist.barrier()
+    return final
+
+
+def evaluate_arith(ckpt: Path, tok, n: int, digits: int, device) -> dict:
+    """Greedy held-out addition accuracy of the checkpoint as saved (what a user would load)."""
+    from ..checkpoint import load_pretrained
+    from ..eval.arith import addition_accuracy
+
+    model = load_pretrained(ckpt, device=device)
+    return addition_accuracy(model, tok, n=n, digits=digits, device=device, return_samples=8)
