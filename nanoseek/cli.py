@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module path, "ConfigClass:function")
     "info": ("nanoseek.counting", "InfoConfig:info"),
     "serve": ("nanoseek.serve.api", "ServeConfig:serve"),
+    "generate": ("nanoseek.engine.chat", "GenerateConfig:generate_cmd"),
+    "chat": ("nanoseek.engine.chat", "ChatConfig:chat"),
     "pretrain": ("nanoseek.train.pretrain", "PretrainConfig:pretrain"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`
