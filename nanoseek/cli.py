@@ -24,6 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("nanoseek.engine.chat", "GenerateConfig:generate_cmd"),
     "chat": ("nanoseek.engine.chat", "ChatConfig:chat"),
     "pretrain": ("nanoseek.train.pretrain", "PretrainConfig:pretrain"),
+    "sft": ("nanoseek.train.sft", "SFTConfig:sft"),
+    "grpo": ("nanoseek.train.grpo", "GRPOConfig:grpo"),
+    "eval": ("nanoseek.eval.tasks", "EvalConfig:eval_task"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {

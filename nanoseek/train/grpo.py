@@ -1,0 +1,503 @@
+"""GRPO with verifiable rewards (DeepSeekMath / R1), option names as TRL's GRPOTrainer.
+
+`nanoseek grpo --ckpt runs/x/sft --task arithmetic --task-args '{"digits": 3}' --out runs/x/grpo`
+
+One step:
+  1. take `prompts_per_step` training problems; render each as a chat prompt (or, with
+     `--template r1-zero`, the R1-Zero base-model prompt);
+  2. roll out G = `num_generations` completions per prompt, all in one batch, through the
+     inference engine holding the *live* policy (so step k samples from the weights of step k);
+  3. score them with rule rewards (`reward_funcs`, `reward_weights`), turn rewards into
+     group-relative advantages (`scale_rewards`), drop groups whose rewards are all equal
+     (`dynamic_sampling`: their advantage is zero, they only dilute the batch), and zero the
+     loss mask of completions that hit the length limit (`mask_truncated_completions`: a cut-off
+     answer is scored 0 for being cut, not for being wrong, so it carries no signal);
+  4. `num_iterations` optimizer passes over that batch with the clipped surrogate
+     (`epsilon`, `epsilon_high`) and, when `beta` > 0, the k3 KL to a frozen reference that is
+     reset to the policy every `ref_model_sync_steps` (R1-Zero: 400). beta = 0 builds no reference.
+
+Everything the R1 paper and TRL users look at is logged per step to metrics.jsonl (reward per
+component, accuracy, frac_reward_zero_std, completion length, clip fractions, KL, entropy,
+tokens/s), with a loud warning on the two silent failures: every completion truncated (zero
+reward, zero gradient) and every group with equal rewards (zero advantage). A held-out eval
+with pinned sampling runs every `eval_steps`; the run ends with a reward/accuracy plot.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_pretrained, save_pretrained
+from ..tasks import get_task, r1_zero_prompt
+from ..tasks.rewards import load_reward, weighted
+from ..tokenizer import Tokenizer
+from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
+from .sft import pick_device, resolve_ckpt
+
+
+@dataclass
+class GRPOConfig:
+    ckpt: str = field(metadata={"help": "policy checkpoint (or a run directory with model/)"})
+    task: str = field(metadata={"help": "arithmetic | countdown | gsm8k"})
+    out: str = field(metadata={"help": "run directory: model/, metrics.jsonl, grpo_config.json, grpo.png"})
+    task_args: dict = field(default_factory=dict, metadata={"help": 'task knobs as JSON, e.g. {"digits": 3}'})
+    template: str = field(default="chat", metadata={"help": "chat | r1-zero", "choices": ["chat", "r1-zero"]})
+    max_steps: int = field(default=100, metadata={"help": "optimizer steps (rollout batches)"})
+    max_minutes: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit)"})
+    prompts_per_step: int = field(default=16, metadata={"help": "distinct prompts per step"})
+    num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
+    max_completion_length: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    beta: float = field(default=0.0, metadata={"help": "k3 KL weight; 0 ⇒ no reference model"})
+    epsilon: float = 0.2
+    epsilon_high: float | None = field(default=None, metadata={"help": "DAPO clip-higher (e.g. 0.28); None = epsilon"})
+    loss_type: str = field(default="dapo", metadata={"choices": ["grpo", "dr_grpo", "dapo"]})
+    scale_rewards: str = field(default="group", metadata={"choices": ["group", "batch", "none"]})
+    num_iterations: int = field(default=1, metadata={"help": "updates per rollout batch (μ)"})
+    ref_model_sync_steps: int = field(default=0, metadata={"help": "reset the reference to the policy every N steps (0: never)"})
+    dynamic_sampling: bool = field(default=True, metadata={"help": "drop groups whose rewards are all equal"})
+    mask_truncated_completions: bool = True
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    reward_weights: list[float] = field(default_factory=list, metadata={"help": "one per reward (default all 1)"})
+    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward"})
+    eval_steps: int = field(default=10, metadata={"help": "held-out eval every N steps (0: start and end only)"})
+    eval_problems: int = 200
+    eval_temperature: float = field(default=0.0, metadata={"help": "pinned eval sampling (0 = greedy)"})
+    eval_seed: int = 1234
+    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: end only)"})
+    seed: int = 0
+    device: str = "auto"
+    engine: str = field(default="auto", metadata={"help": "rollouts: auto | engine | simple (the in-file sampler)"})
+
+    def __post_init__(self) -> None:
+        if self.num_generations < 2:
+            raise ValueError("--num-generations must be >= 2 (advantages are relative to the group)")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"--reward-weights has {len(self.reward_weights)} values for "
+                             f"{len(self.reward_funcs)} --reward-funcs")
+        if self.num_iterations < 1:
+            raise ValueError("--num-iterations must be >= 1")
+
+
+# ---------------------------------------------------------------------- prompts
+def build_prompt(problem, tok: Tokenizer, template: str) -> list[int]:
+    """Prompt ids. chat: the user turn then `<|assistant|>` (the model opens <think> itself —
+    a template that pre-opens it must score with think_preopened, or format never fires);
+    r1-zero: the R1-Zero text prompt after <|bos|>, for base models."""
+    if template == "chat":
+        return tok.render_chat([{"role": "user", "content": problem.prompt}], add_generation_prompt=True)[0]
+    if template == "r1-zero":
+        return tok.encode(r1_zero_prompt(problem), add_bos=True, allow_special=False)
+    raise ValueError(f"--template must be chat or r1-zero, got {template!r}")
+
+
+def reward_kwargs(template: str) -> dict:
+    """How the answer contract reads completions in each mode (see tasks.base)."""
+    return {"answer_tags": True} if template == "r1-zero" else {"answer_tags": False}
+
+
+# ---------------------------------------------------------------------- rollouts
+@dataclass
+class Rollout:
+    prompt_ids: list[int]
+    ids: list[int]          # completion tokens (the stop token included when it was generated)
+    truncated: bool         # hit max_completion_length without stopping
+
+
+class SimpleSampler:
+    """A plain batched sampler over the dense latent cache: left-padded prompts, per-row positions.
+
+    It exists so GRPO works (and its tests run) with nothing but the model; the engine is the
+    fast path. Sampling: temperature (0 = greedy) and top-p, seeded by a torch.Generator.
+    """
+
+    def __init__(self, model, eos_id: int, pad_id: int):
+        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
+                 top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
+        from ..model.cache import DenseLatentCache
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        dev = model.embed_tokens.weight.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed if seed is not None else random.randrange(2**31))
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, L + max_tokens, dtype=torch.bool, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, L - len(p):] = torch.tensor(p, device=dev)
+            valid[i, L - len(p):] = True
+        valid[:, L:] = True
+        pos = (valid[:, :L].long().cumsum(1) - 1).clamp(min=0)
+        cache = DenseLatentCache.for_model(model, B, L + max_tokens)
+        eye = torch.eye(L, dtype=torch.bool, device=dev)
+        mask = (torch.ones(L, L, dtype=torch.bool, device=dev).tril() & valid[:, None, :L]) | eye
+        logits = model(ids, positions=pos, cache=cache, mask=mask[:, None], logits_to_keep=1)[:, -1]
+        next_pos = pos[:, -1] + 1
+        out = torch.zeros(B, max_tokens, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        n = 0
+        for t in range(max_tokens):
+            tok = _sample(logits, temperature, top_p, gen)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            out[:, t] = tok
+            n = t + 1
+            done |= tok == self.eos_id
+            if bool(done.all()) or t == max_tokens - 1:
+                break
+            S = L + t + 1
+            logits = model(tok[:, None], positions=next_pos[:, None], cache=cache,
+                           mask=valid[:, None, None, :S], logits_to_keep=1)[:, -1]
+            next_pos = next_pos + 1
+        if was_training:
+            model.train()
+        res = []
+        for i, p in enumerate(prompts):
+            row = out[i, :n].tolist()
+            if self.eos_id in row:
+                res.append(Rollout(p, row[: row.index(self.eos_id) + 1], False))
+            else:
+                res.append(Rollout(p, row, True))
+        return res
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p
+        probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class EngineSampler:
+    """Rollouts through nanoseek.engine around the live policy object.
+
+    The engine holds the same nn.Module the optimizer updates (no weight copy per step). What
+    it does keep across calls is its prefix cache — latents computed by *earlier* weights — so
+    it is reset before every rollout; within one call the G samples of a prompt still share it.
+    """
+
+    def __init__(self, model, tok: Tokenizer, max_num_seqs: int, max_len: int):
+        from ..engine import Engine
+
+        self.engine = Engine(model, tok, max_num_seqs=max_num_seqs,
+                             max_batch_tokens=max(2048, max_num_seqs * 32),
+                             cache_tokens=max_num_seqs * max_len, enable_prefix_cache=True)
+        self.model, self.tok = model, tok
+
+    def generate(self, prompts, max_tokens, temperature, top_p=1.0, seed=None) -> list[Rollout]:
+        from ..engine import SamplingParams
+
+        was_training = self.model.training
+        self.model.eval()
+        self.engine.reset_prefix_cache()
+        base = random.Random(seed)
+        params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                 seed=base.randrange(2**31), stop_token_ids=[self.tok.eos_id])
+                  for _ in prompts]
+        outs = self.engine.generate([list(p) for p in prompts], params)
+        if was_training:
+            self.model.train()
+        res = []
+        for p, o in zip(prompts, outs):
+            ids = list(o.token_ids)
+            if o.finish_reason == "stop" and (not ids or ids[-1] != self.tok.eos_id):
+                ids.append(self.tok.eos_id)
+            res.append(Rollout(p, ids, o.finish_reason == "length"))
+        return res
+
+
+def make_sampler(kind: str, model, tok: Tokenizer, max_num_seqs: int, max_len: int):
+    if kind in ("auto", "engine"):
+        try:
+            return EngineSampler(model, tok, max_num_seqs, max_len)
+        except ImportError:
+            if kind == "engine":
+                raise
+    elif kind != "simple":
+        raise ValueError(f"--engine must be auto, engine or simple, got {kind!r}")
+    return SimpleSampler(model, tok.eos_id, tok.pad_id)
+
+
+# ---------------------------------------------------------------------- log-probs
+def batch_tensors(rollouts: list[Rollout], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded prompt+completion ids (N, T), completion targets (N, C) and their lengths.
+
+    Completion token j of row i sits at position len(prompt_i) + j; its log-prob is read from
+    the logits at the position before it."""
+    T = max(len(r.prompt_ids) + len(r.ids) for r in rollouts)
+    C = max(1, max(len(r.ids) for r in rollouts))
+    ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
+    comp = torch.full((len(rollouts), C), pad_id, dtype=torch.long)
+    lens = torch.zeros(len(rollouts), dtype=torch.long)
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.ids
+        ids[i, :len(seq)] = torch.tensor(seq)
+        comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        lens[i] = len(r.ids)
+    return ids.to(device), comp.to(device), lens.to(device)
+
+
+def completion_logprobs(model, ids: torch.Tensor, prompt_lens: torch.Tensor, comp: torch.Tensor,
+                        with_entropy: bool = False):
+    """log π(completion token | prefix) for every completion slot, (N, C); optional entropy."""
+    logits = model(ids)  # fp32 (N, T, V)
+    N, C = comp.shape
+    idx = (prompt_lens[:, None] - 1 + torch.arange(C, device=ids.device)[None]).clamp(max=ids.shape[1] - 1)
+    sel = logits.gather(1, idx[..., None].expand(N, C, logits.shape[-1]))  # (N, C, V)
+    logp_all = sel.log_softmax(-1)
+    logp = logp_all.gather(-1, comp[..., None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+# ---------------------------------------------------------------------- one step
+def score(rollouts: list[Rollout], problems, tok: Tokenizer, reward_fn, rkw: dict):
+    texts = [tok.decode(r.ids) for r in rollouts]
+    total, comps = reward_fn(texts, problems, **rkw)
+    return torch.tensor(total, dtype=torch.float32), comps, texts
+
+
+def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.Tensor, cfg: GRPOConfig,
+                pad_id: int) -> dict:
+    """Advantages, masks and `num_iterations` optimizer passes for one rollout batch.
+
+    Returns the step's stats (TRL names where they exist); also exposes the tensors the tests
+    recompute by hand under 'debug'."""
+    G = cfg.num_generations
+    device = next(model.parameters()).device
+    adv = group_advantages(rewards, G, cfg.scale_rewards)
+    keep = filter_equal_reward_groups(rewards, G) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
+    stats: dict = {"frac_reward_zero_std": frac_reward_zero_std(rewards, G),
+                   "num_sequences_trained": int(keep.sum())}
+    if not bool(keep.any()):
+        stats["skipped"] = True
+        return stats
+    sel = [r for r, k in zip(rollouts, keep.tolist()) if k]
+    adv = adv[keep].to(device)
+    ids, comp, lens = batch_tensors(sel, pad_id, device)
+    plen = torch.tensor([len(r.prompt_ids) for r in sel], device=device)
+    C = comp.shape[1]
+    mask = (torch.arange(C, device=device)[None] < lens[:, None]).float()
+    if cfg.mask_truncated_completions:
+        trunc = torch.tensor([r.truncated for r in sel], device=device)
+        mask = mask * (~trunc).float()[:, None]
+    n_tok_total = float(mask.sum().clamp(min=1))
+    N = len(sel)
+    mb = max(1, cfg.micro_batch_size)
+    chunks = [slice(i, min(N, i + mb)) for i in range(0, N, mb)]
+
+    old = ref = None
+    if cfg.num_iterations > 1 or cfg.beta:
+        with torch.no_grad():
+            if cfg.num_iterations > 1:
+                model.eval()
+                old = torch.cat([completion_logprobs(model, ids[c], plen[c], comp[c])[0] for c in chunks])
+            if cfg.beta:
+                ref = torch.cat([completion_logprobs(ref_model, ids[c], plen[c], comp[c])[0] for c in chunks])
+    model.train()
+    agg: dict[str, float] = {}
+    ent_sum = 0.0
+    gnorm = 0.0
+    debug_logp = []
+    for it in range(cfg.num_iterations):
+        opt.zero_grad(set_to_none=True)
+        for c in chunks:
+            logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0))
+            loss, st = grpo_loss(logp, None if old is None else old[c], None if ref is None else ref[c],
+                                 adv[c], mask[c], loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+                                 epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                 max_completion_length=cfg.max_completion_length)
+            n_c = c.stop - c.start
+            tok_c = float(mask[c].sum())
+            # each loss_type normalises over the whole batch: re-weight the micro-batch means
+            w = tok_c / n_tok_total if cfg.loss_type == "dapo" else n_c / N
+            (loss * w).backward()
+            for k, v in st.items():
+                agg[k] = agg.get(k, 0.0) + v * tok_c / n_tok_total / cfg.num_iterations
+            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * w / cfg.num_iterations
+            if it == 0:
+                ent_sum += float((ent * mask[c]).sum())
+                debug_logp.append(logp.detach())
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        opt.step()
+    stats.update(agg)
+    stats["entropy"] = ent_sum / n_tok_total
+    stats["grad_norm"] = gnorm
+    stats["debug"] = {"advantages": adv.cpu(), "mask": mask.cpu(), "logp": torch.cat(debug_logp).cpu(),
+                      "keep": keep.cpu()}
+    return stats
+
+
+# ---------------------------------------------------------------------- eval
+@torch.no_grad()
+def evaluate(sampler, problems, tok: Tokenizer, cfg: GRPOConfig, task) -> dict:
+    """Held-out accuracy and format with pinned sampling (eval_temperature, eval_seed)."""
+    from ..tasks.rewards import format_reward
+
+    prompts = [build_prompt(p, tok, cfg.template) for p in problems]
+    outs = sampler.generate(prompts, cfg.max_completion_length, cfg.eval_temperature, 1.0, cfg.eval_seed)
+    texts = [tok.decode(o.ids) for o in outs]
+    acc = [float(task.check(task.parse(t), p)) for t, p in zip(texts, problems)]
+    fmt = format_reward(texts, problems, **reward_kwargs(cfg.template))
+    return {"eval_accuracy": sum(acc) / len(acc), "eval_format": sum(fmt) / len(fmt),
+            "eval_truncated": sum(o.truncated for o in outs) / len(outs)}
+
+
+# ---------------------------------------------------------------------- the command
+def grpo(cfg: GRPOConfig) -> Path:
+    """GRPO on a verifiable task: engine rollouts, rule rewards, clipped surrogate (+ k3 KL)."""
+    from ..cli import save_run_config
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    device = pick_device(cfg.device)
+    ckpt = resolve_ckpt(cfg.ckpt)
+    tok = Tokenizer.load(ckpt)
+    model = load_pretrained(ckpt, device=device)
+    task = get_task(cfg.task, **cfg.task_args)
+    run = Path(cfg.out)
+    save_run_config(cfg, run, "grpo_config.json")
+    weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
+    reward_fn = weighted({name: (load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)})
+    rkw = reward_kwargs(cfg.template)
+    ref_model = None
+    if cfg.beta:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
+                            weight_decay=cfg.weight_decay)
+    G = cfg.num_generations
+    n_batch = cfg.prompts_per_step * G
+    sampler = make_sampler(cfg.engine, model, tok, max(n_batch, cfg.eval_problems),
+                           min(model.config.max_position_embeddings, cfg.max_completion_length + 384))
+    train_pool = task.make(max(2000, cfg.prompts_per_step * 50), cfg.seed, split="train")
+    heldout = task.make(cfg.eval_problems, cfg.eval_seed, split="test")
+    print(f"grpo: {cfg.task} {cfg.task_args} template={cfg.template}, {cfg.prompts_per_step} prompts × "
+          f"G={G} per step, rollouts by {type(sampler).__name__}, beta={cfg.beta} "
+          f"({'reference model' if ref_model is not None else 'no reference model'}) on {device}")
+
+    metrics_path = run / "metrics.jsonl"
+    log = metrics_path.open("w")
+    history: list[dict] = []
+
+    def emit(rec: dict) -> None:
+        history.append(rec)
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    ev = evaluate(sampler, heldout, tok, cfg, task)
+    emit({"step": 0, "elapsed_s": 0.0, **ev})
+    print(f"grpo eval step 0: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}", flush=True)
+    t_start = time.time()
+    step = 0
+    for step in range(1, cfg.max_steps + 1):
+        if cfg.max_minutes and time.time() - t_start > cfg.max_minutes * 60:
+            print(f"grpo: time limit {cfg.max_minutes} min reached at step {step - 1}")
+            step -= 1
+            break
+        for g in opt.param_groups:
+            g["lr"] = cfg.learning_rate * min(1.0, step / max(1, cfg.warmup_steps))
+        problems = rng.sample(train_pool, cfg.prompts_per_step)
+        expanded = [p for p in problems for _ in range(G)]
+        prompts = [build_prompt(p, tok, cfg.template) for p in expanded]
+        t0 = time.time()
+        rollouts = sampler.generate(prompts, cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                                    seed=rng.randrange(2**31))
+        t_gen = time.time() - t0
+        rewards, comps, _ = score(rollouts, expanded, tok, reward_fn, rkw)
+        t1 = time.time()
+        st = grpo_update(model, opt, ref_model, rollouts, rewards, cfg, tok.pad_id)
+        st.pop("debug", None)
+        if ref_model is not None and cfg.ref_model_sync_steps and step % cfg.ref_model_sync_steps == 0:
+            ref_model.load_state_dict(model.state_dict())
+        t_upd = time.time() - t1
+        lens = [len(r.ids) for r in rollouts]
+        n_gen_tok = sum(lens)
+        trunc = sum(r.truncated for r in rollouts) / len(rollouts)
+        rec = {"step": step, "elapsed_s": round(time.time() - t_start, 1),
+               "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+               **{f"rewards/{k}": sum(v) / len(v) for k, v in comps.items()},
+               "accuracy": sum(comps["accuracy"]) / len(rollouts) if "accuracy" in comps else None,
+               "completions/mean_length": n_gen_tok / len(rollouts),
+               "completions/clipped_ratio": trunc,
+               "tokens_per_s": round(n_gen_tok / max(1e-9, t_gen + t_upd), 1),
+               "rollout_s": round(t_gen, 2), "update_s": round(t_upd, 2),
+               "lr": opt.param_groups[0]["lr"], **st}
+        if trunc == 1.0:
+            warnings.warn(f"grpo step {step}: EVERY completion hit max_completion_length="
+                          f"{cfg.max_completion_length}: rewards are 0 and the gradient is 0 — "
+                          "raise --max-completion-length or shorten the answers", stacklevel=1)
+        if rec["frac_reward_zero_std"] == 1.0:
+            warnings.warn(f"grpo step {step}: EVERY group had equal rewards (advantage 0, nothing "
+                          "learned) — the task is too hard or too easy for this model, or the "
+                          "reward never fires (format/template mismatch?)", stacklevel=1)
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_steps:
+            rec.update(evaluate(sampler, heldout, tok, cfg, task))
+        emit(rec)
+        print(f"grpo step {step}: reward {rec['reward']:.3f} acc {rec['accuracy']:.3f} "
+              f"fmt {rec.get('rewards/format', float('nan')):.3f} zero_std {rec['frac_reward_zero_std']:.2f} "
+              f"len {rec['completions/mean_length']:.0f} kl {rec.get('kl', 0):.4f} "
+              f"ent {rec.get('entropy', float('nan')):.3f} {rec['tokens_per_s']} tok/s"
+              + (f" | eval acc {rec['eval_accuracy']:.3f} fmt {rec['eval_format']:.3f}" if "eval_accuracy" in rec else ""),
+              flush=True)
+        if cfg.save_steps and step % cfg.save_steps == 0:
+            save_pretrained(model.eval(), run / "model", extra={"tokenizer": lambda d: tok.save(d)})
+    ev = evaluate(sampler, heldout, tok, cfg, task)
+    emit({"step": step, "elapsed_s": round(time.time() - t_start, 1), **ev})
+    print(f"grpo eval step {step}: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}")
+    log.close()
+    out = save_pretrained(model.eval(), run / "model", extra={"tokenizer": lambda d: tok.save(d)})
+    plot(history, run / "grpo.png", title=f"GRPO {cfg.task} {cfg.task_args} ({cfg.template})")
+    print(f"grpo: saved {out}, metrics {metrics_path}, plot {run / 'grpo.png'}")
+    return out
+
+
+def plot(history: list[dict], path: Path, title: str = "GRPO") -> Path:
+    """Training reward / format and held-out accuracy against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tr = [h for h in history if "reward" in h]
+    if tr:
+        ax.plot([h["step"] for h in tr], [h["accuracy"] for h in tr], alpha=0.5, label="train accuracy (rollouts)")
+        if "rewards/format" in tr[0]:
+            ax.plot([h["step"] for h in tr], [h["rewards/format"] for h in tr], alpha=0.5, label="train format reward")
+    ev = [h for h in history if "eval_accuracy" in h]
+    ax.plot([h["step"] for h in ev], [h["eval_accuracy"] for h in ev], "o-", lw=2, label="held-out accuracy")
+    ax.plot([h["step"] for h in ev], [h["eval_format"] for h in ev], "s--", label="held-out format")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
