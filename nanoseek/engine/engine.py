@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 
 from .detok import Detokenizer, token_bytes_table
+from .fast import FastDecoder
 from .kv_cache import BlockManager, PagedLatentCache, StepCache
 from .sampling import SamplerState, SamplingParams, TokenLogprob, sample
 from .scheduler import Request, Scheduler
@@ -115,6 +116,7 @@ class Engine:
         self._outputs: dict[str, RequestOutput] = {}
         self._aborted: list[StreamEvent] = []
         self._arange_bs = torch.arange(block_size, device=self.device)
+        self._fast = FastDecoder(model) if FastDecoder.supports(model) else None
 
     # ------------------------------------------------------------------ state
     @property
@@ -142,6 +144,17 @@ class Engine:
     def stats(self) -> dict:
         s = self.scheduler
         return {"prefill_tokens": s.prefill_tokens, "preemptions": s.num_preempted}
+
+    def update_weights(self) -> None:
+        """Call after changing the model's weights in place (e.g. between GRPO steps): the decode
+        path keeps pre-folded copies of the attention weights. Cached prefixes are dropped too —
+        their latents came from the old weights."""
+        self._fast = FastDecoder(self.model) if FastDecoder.supports(self.model) else None
+        b = self.blocks
+        for blk in list(b.lru):
+            del b.block_of[b.key_of.pop(blk)]
+            b.free.append(blk)
+        b.lru.clear()
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
@@ -290,6 +303,8 @@ class Engine:
             pos = start
             write = slots.gather(1, pos)
             mask = (torch.arange(S, device=dev) <= pos)[:, None, None, :]
+            if self._fast is not None:
+                return self._fast.hidden(ids[:, 0], pos[:, 0], self.cache.kv, write[:, 0], slots, mask[:, 0, 0])
         else:
             ids = torch.tensor([(r.all_ids[s:s + n] + [0] * T)[:T] for r, s, n in zip(reqs, starts, lens)], device=dev)
             t = torch.arange(T, device=dev)[None]
