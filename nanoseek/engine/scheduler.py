@@ -21,7 +21,7 @@ from .kv_cache import BlockManager
 from .sampling import SamplerState, SamplingParams, TokenLogprob
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field: requests are looked up in lists every step
 class Request:
     request_id: str
     prompt_ids: list[int]
