@@ -164,6 +164,13 @@ def test_seed_makes_sampling_repeatable(srv):
     assert a != c
 
 
+def test_degenerate_sampling_values_are_served_greedily(srv):
+    """temperature 1e-300 would turn logits into inf/NaN and fail the engine's whole batch."""
+    for kw in ({"temperature": 1e-300}, {"temperature": 1.0, "top_p": 1e-300}, {"temperature": 1.0, "top_p": 0}):
+        r = _chat(srv, **kw)
+        assert r.choices[0].message.content == CONTENT, kw
+
+
 def test_completions_endpoint(srv):
     r = srv.client.completions.create(model="nanoseek", prompt="Let", max_tokens=2, temperature=0)
     assert r.choices[0].text == " me think"
@@ -248,12 +255,15 @@ def test_disconnect_cancels_generation_and_frees_cache(srv):
 def test_keepalive_while_waiting_and_429_past_the_queue(ckpt):
     """One sequence at a time, one waiting: the waiter gets ': keep-alive', the next one a 429."""
     engine, cfg, app = _start(ckpt, max_num_seqs=1, max_queue=1, keepalive_s=0.05)
+    step = engine.step  # a tiny model is too quick to keep anyone waiting: slow each step to 10 ms+
+    engine.step = lambda: (time.sleep(0.01), step())[1]
     long_body = {"model": "nanoseek", "messages": [{"role": "user", "content": "go"}], "stream": True,
                  "temperature": 0, "ignore_eos": True, "max_tokens": 120}
     auth = {"Authorization": f"Bearer {KEY}"}
     with ServerThread(app) as url, httpx.Client(base_url=url, headers=auth, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json=long_body) as a:
-            next(a.iter_lines())  # A is running
+            a_lines = a.iter_lines()  # keep a reference: a dropped iterator closes the connection
+            next(a_lines)  # A is admitted
             with http.stream("POST", "/v1/chat/completions", json=long_body) as b:
                 lines = b.iter_lines()
                 first = next(lines)

@@ -95,6 +95,8 @@ def test_chat_page_streams_answer_and_thinking(url, page):
 
 def test_stop_button_aborts_the_stream(url, page):
     base, engine = url
+    step = engine.step  # a tiny model outruns a click: slow its steps so the stream is still going
+    engine.step = lambda: (time.sleep(0.02), step())[1]
     page.goto(base + "/")
     page.click("#new")
     page.click("#settings summary")
@@ -104,7 +106,7 @@ def test_stop_button_aborts_the_stream(url, page):
     page.dispatch_event("#maxtokens", "change")
     page.click("#settings summary")
     page.uncheck("#think")
-    # 200 sampled tokens take longer than a click: stop lands mid-stream
+    # 200 slowed, sampled tokens take longer than a click: stop lands mid-stream
     page.fill("[data-testid=input]", "Ramble, please.")
     page.click("[data-testid=send]")
     page.click("[data-testid=stop]")
@@ -114,4 +116,5 @@ def test_stop_button_aborts_the_stream(url, page):
     deadline = time.monotonic() + 10
     while engine.num_running and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert engine.num_running == 0 and engine.num_waiting == 0
+    assert engine.num_running == 0 and engine.num_waiting == 0 and engine.cache_usage == 0
+    engine.step = step

@@ -45,6 +45,7 @@ from .reasoning import CONTENT, REASONING, ThinkSplitter, count_reasoning_tokens
 
 log = logging.getLogger("nanoseek.serve")
 UI_DIR = Path(__file__).parent / "ui"
+GREEDY_BELOW = 1e-5  # temperatures below this are served as greedy (as vLLM does)
 
 
 @dataclass
@@ -245,11 +246,19 @@ class _Server:
                            param="messages")
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or room
         max_tokens = min(max_tokens, room, self.cfg.max_tokens_limit or room)
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-            frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
-            repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
-            logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)
+        # A top_p near 0 keeps only the most likely token, and a temperature under 1e-5 divides the
+        # logits into inf/NaN (one such row fails the engine's whole batch): both are greedy decoding.
+        temperature, top_p = req.temperature, req.top_p
+        if top_p < GREEDY_BELOW or temperature < GREEDY_BELOW:
+            temperature, top_p = 0.0, 1.0
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k,
+                frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
+                logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)
+        except ValueError as e:  # the engine's own checks, should a bound here ever drift from them
+            raise APIError(422, str(e), "invalid_parameter") from None
 
     def admit(self) -> None:
         if self.closing or self.aengine is None:
@@ -560,14 +569,22 @@ async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, inc
                     yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
                                                     usage=usage))
         yield _data("[DONE]")
-    except APIError as e:  # after the 200 went out, an error can only travel inside the stream
-        yield _data(json.dumps(ErrorResponse(error=ErrorBody(
-            message=e.message, type=APIError.TYPES.get(e.status, "error"), code=e.code)).model_dump()))
+    except Exception as e:  # after the 200 went out, an error can only travel inside the stream
+        yield _stream_error(e)
+        yield _data("[DONE]")
     finally:
         srv.in_flight -= 1
         if usage is None and ev is not None:
             usage = srv.usage(ev, ids, in_think)
         srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+
+
+def _stream_error(e: Exception) -> str:
+    if not isinstance(e, APIError):
+        log.exception("generation failed mid-stream")
+        e = APIError(500, f"generation failed: {type(e).__name__}", "internal_error")
+    return _data(json.dumps(ErrorResponse(error=ErrorBody(
+        message=e.message, type=APIError.TYPES.get(e.status, "error"), code=e.code)).model_dump()))
 
 
 def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
@@ -636,6 +653,9 @@ async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include
                 usage = srv.usage(ev, ids, False)
                 if include_usage:
                     yield chunk("", usage=usage)
+        yield _data("[DONE]")
+    except Exception as e:
+        yield _stream_error(e)
         yield _data("[DONE]")
     finally:
         srv.in_flight -= 1

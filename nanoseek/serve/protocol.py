@@ -87,7 +87,7 @@ class _SamplingFields(_Lenient):
     user: str | None = None
     # nanoseek / vLLM extensions
     top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = off
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)  # logits are divided by it: keep it finite
     ignore_eos: bool = False
 
     @field_validator("stop")
