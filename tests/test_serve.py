@@ -9,6 +9,7 @@ tests assert exact reasoning_content, content and token counts through the whole
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from types import SimpleNamespace
@@ -54,7 +55,8 @@ def _chat(srv, content="Hello there", **kw):
 
 
 def _cache_idle(engine) -> bool:
-    return engine.num_running == 0 and engine.num_waiting == 0
+    # cache_usage counts blocks held by live requests (prefix-cached free blocks are not held)
+    return engine.num_running == 0 and engine.num_waiting == 0 and engine.cache_usage == 0
 
 
 def _wait(pred, timeout=20.0):
@@ -252,6 +254,20 @@ def test_disconnect_cancels_generation_and_frees_cache(srv):
     assert "nanoseek_in_flight_requests 0" in text
 
 
+def test_disconnect_cancels_non_streaming_generation(srv):
+    step = srv.engine.step
+    srv.engine.step = lambda: (time.sleep(0.01), step())[1]  # ≥ 2 s for 200 tokens
+    try:
+        body = {"model": "nanoseek", "messages": [{"role": "user", "content": "go on"}], "temperature": 0,
+                "ignore_eos": True, "max_tokens": 200}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=0.5,
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert _wait(lambda: _cache_idle(srv.engine), timeout=1.5), "still generating for a client that left"
+    finally:
+        srv.engine.step = step
+
+
 def test_keepalive_while_waiting_and_429_past_the_queue(ckpt):
     """One sequence at a time, one waiting: the waiter gets ': keep-alive', the next one a 429."""
     engine, cfg, app = _start(ckpt, max_num_seqs=1, max_queue=1, keepalive_s=0.05)
@@ -284,11 +300,20 @@ def test_keepalive_while_waiting_and_429_past_the_queue(ckpt):
 
 def test_api_key_never_logged(ckpt, caplog):
     engine, cfg, app = _start(ckpt)
-    with caplog.at_level("DEBUG"), ServerThread(app, log_level="debug") as url:
-        httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
-        httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sk-leaked-guess"})
-    assert KEY not in caplog.text and "sk-leaked-guess" not in caplog.text
-    assert "/v1/models" in caplog.text  # the access log did run
+    server = ServerThread(app, log_level="debug")  # uvicorn's logging is configured here
+    loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error", "nanoseek.serve")]
+    for lg in loggers:  # uvicorn's loggers do not propagate to the root, where caplog listens
+        lg.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("DEBUG"), server as url:
+            httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+            httpx.get(url + "/v1/models", headers={"Authorization": "Bearer sk-leaked-guess"})
+    finally:
+        for lg in loggers:
+            lg.removeHandler(caplog.handler)
+    assert '"GET /v1/models HTTP/1.1" 200' in caplog.text  # the access log did run…
+    assert '"GET /v1/models HTTP/1.1" 401' in caplog.text
+    assert KEY not in caplog.text and "sk-leaked-guess" not in caplog.text  # …without the keys
 
 
 def test_cli_flags(tmp_path):
