@@ -308,6 +308,11 @@ class Engine:
         S = max(s + n for s, n in zip(starts, lens))
         nb = -(-S // bs)
         table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r in reqs], device=dev)
+        if T == 1 and self._fast is not None:
+            start = torch.tensor(starts, device=dev)
+            ids = torch.tensor([r.all_ids[s] for r, s in zip(reqs, starts)], device=dev)
+            write = table.gather(1, (start // bs)[:, None])[:, 0] * bs + start % bs
+            return self._fast.hidden(ids, start, self.cache.kv, write, table, bs)
         slots = (table[:, :, None] * bs + self._arange_bs).view(B, -1)[:, :S]  # (B, S): where each position lives
         start = torch.tensor(starts, device=dev)[:, None]
         if T == 1:
@@ -315,8 +320,6 @@ class Engine:
             pos = start
             write = slots.gather(1, pos)
             mask = (torch.arange(S, device=dev) <= pos)[:, None, None, :]
-            if self._fast is not None:
-                return self._fast.hidden(ids[:, 0], pos[:, 0], self.cache.kv, write[:, 0], slots, mask[:, 0, 0])
         else:
             ids = torch.tensor([(r.all_ids[s:s + n] + [0] * T)[:T] for r, s, n in zip(reqs, starts, lens)], device=dev)
             t = torch.arange(T, device=dev)[None]

@@ -65,7 +65,8 @@ class StepCache:
         kv = self.cache.kv[layer]
         new = torch.cat((c_kv, k_pe), dim=-1).reshape(-1, kv.shape[-1]).to(kv.dtype)
         kv.index_copy_(0, self.write_slots, new)
-        got = kv[self.read_slots]  # (B, S, r + dr)
+        B, S = self.read_slots.shape
+        got = kv.index_select(0, self.read_slots.reshape(-1)).view(B, S, -1)  # (B, S, r + dr); faster than kv[slots]
         return got[..., : self.cache.rank], got[..., self.cache.rank:]
 
 
