@@ -159,7 +159,7 @@ class BatchLoader:
         window = self.stream.window(self.position, self.global_batch * T + 1)
         lo = self.rank * self.local_batch
         rows = np.lib.stride_tricks.sliding_window_view(window, T + 1)[::T][lo:lo + self.local_batch]
-        rows = torch.from_numpy(np.ascontiguousarray(rows))
+        rows = torch.from_numpy(rows.copy())
         new = self.position + self.tokens_per_step
         self.epoch += new // len(self.stream)
         self.position = new % len(self.stream)
@@ -177,6 +177,6 @@ def val_batches(stream: TokenStream, batch: int, seq_len: int, max_tokens: int):
     n_rows = max(1, min(max_tokens, len(stream) - 1) // seq_len)
     window = stream.window(0, n_rows * seq_len + 1)
     rows = np.lib.stride_tricks.sliding_window_view(window, seq_len + 1)[::seq_len][:n_rows]
-    rows = torch.from_numpy(np.ascontiguousarray(rows))
+    rows = torch.from_numpy(rows.copy())
     for i in range(0, n_rows, batch):
         yield rows[i:i + batch, :-1], rows[i:i + batch, 1:]

@@ -73,6 +73,8 @@ class TrainConfig:
                                                   "choices": ["auto", "float32", "bfloat16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch's default. On a CPU shared with "
+                                                       "other jobs, 1 avoids OpenMP spin-wait contention"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard with FSDP2 instead of DDP"})
     seed: int = 0
     log_every: int = field(default=10, metadata={"help": "steps between metrics.jsonl records"})
@@ -203,14 +205,19 @@ class Trainer:
         self.out = Path(cfg.out)
         self.tokenizer = tokenizer
         self.amp = autocast_dtype(cfg.dtype, self.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.model = model.to(self.device)
         self.model.train()
         self.wrapped: nn.Module = self.model
         if self.env.distributed and cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
 
-            # shard block by block (each is gathered just for its own forward/backward), then the root
-            for block in [*getattr(model, "layers", []), *getattr(model, "mtp", [])]:
+            # shard block by block (each is gathered just for its own forward/backward), then the root.
+            # An MTP module is not sharded as a whole: its head norm runs outside its forward
+            # (shared_head_logits), so only its decoder block gets its own group.
+            blocks = [*getattr(model, "layers", []), *(m.block for m in getattr(model, "mtp", []))]
+            for block in blocks:
                 fully_shard(block)
             fully_shard(model)
         elif self.env.distributed:

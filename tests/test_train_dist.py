@@ -1,0 +1,65 @@
+"""Two processes under torchrun (gloo on CPU) train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek.train.pretrain import pretrain
+
+from test_train import DATA, losses, tiny_cfg
+
+STEPS, BATCH = 3, 8
+# Summation order differs (DDP averages two ranks' gradients, one process averages two
+# micro-batches), so losses agree to float32 rounding, not bit for bit.
+TOL = 1e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out, *extra) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "-m", "nanoseek.cli", "pretrain", "--preset", "tiny", "--data", DATA, "--out", str(out),
+           "--steps", str(STEPS), "--batch-size", str(BATCH), "--seq-len", "32", "--lr", "3e-3",
+           "--warmup-steps", "2", "--log-every", "1", "--val-tokens", "128", "--arith-eval", "0",
+           "--save-every", "2", "--progress", "false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    # one process: the same 8 sequences per step, as 2 micro-batches of 4 (what each rank holds)
+    pretrain(tiny_cfg(out, steps=STEPS, batch_size=BATCH, micro_batch_size=BATCH // 2, save_every=2))
+    return losses(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, single, mode):
+    out = tmp_path / mode
+    _torchrun(out, *(["--fsdp"] if mode == "fsdp" else []))
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s, ref in single.items():
+        assert abs(got[s] - ref) <= TOL, (mode, s, got[s], ref)
+    # the final checkpoint is a whole model written once, with the global data position
+    import torch
+
+    state = torch.load(out / "final" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and state["loader"]["position"] == STEPS * BATCH * 32
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["fsdp"] == (mode == "fsdp")
