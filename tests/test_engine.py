@@ -233,3 +233,23 @@ def test_async_engine_streams_and_cancel_aborts(tiny):
     finally:
         aeng.shutdown()
     assert eng.num_running == eng.num_waiting == 0 and eng.cache_usage == 0
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(q_lora_rank=None, rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                                         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
+    dict(first_k_dense_replace=0, n_shared_experts=0, n_group=1, topk_group=1),
+])
+def test_fast_decode_path_matches_the_model(overrides):
+    """The folded-weight decode path (no q low-rank + YaRN; all-MoE without shared experts)
+    gives the model's own greedy tokens."""
+    torch.manual_seed(3)
+    m = DeepSeekV3(preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(25)
+        for moe in m.moe_layers():
+            moe.gate.weight.mul_(20)
+    prompts = prompts_of([4, 19, 9], seed=8)
+    outs = Engine(m, block_size=4, max_batch_tokens=12).generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == m.generate(torch.tensor([p]), 10)[0, len(p):].tolist()
