@@ -1,0 +1,109 @@
+"""`make demo`: the DeepSeek story end to end on a laptop CPU, one stage after another.
+
+Each stage is a function of a shared `Demo` context and is listed in STAGES, so later stages
+(SFT, GRPO, distillation, compression) append themselves without touching the earlier ones.
+Everything lands in runs/demo/<stage>/. Re-running continues: a stage interrupted with Ctrl-C
+resumes from its last checkpoint, and a finished one is not trained again.
+
+    python -m nanoseek.demo              # all stages
+    python -m nanoseek.demo --fresh      # delete runs/demo first
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+DATA = "builtin:arith"
+
+
+@dataclass
+class Demo:
+    root: Path = Path("runs/demo")
+    preset: str = "small"
+    tokenizer: Path | None = None
+    checkpoints: dict[str, Path] = field(default_factory=dict)  # stage → its final checkpoint
+
+    @property
+    def latest(self) -> Path | None:
+        """The most recent stage's checkpoint: what the next stage starts from and what is served."""
+        return list(self.checkpoints.values())[-1] if self.checkpoints else None
+
+
+def banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def stage_tokenizer(demo: Demo) -> None:
+    """Byte-level BPE with split digits, trained on the arithmetic corpus (vocab from the preset)."""
+    from .config import preset
+    from .tokenizer import TokenizerTrainConfig, train_tokenizer
+
+    out = demo.root / "tokenizer"
+    banner(f"tokenizer: byte-level BPE on {DATA} → {out}")
+    if not (out / "tokenizer.json").exists():
+        train_tokenizer(TokenizerTrainConfig(data=f"{DATA}?n=5000", out=str(out),
+                                             vocab_size=preset(demo.preset).vocab_size))
+    from .tokenizer import Tokenizer
+
+    tok = Tokenizer.load(out)
+    print(f"{tok.vocab_size} tokens; 'Q: 37+45' → {tok.encode('Q: 37+45')}")
+    demo.tokenizer = out
+
+
+def stage_pretrain(demo: Demo) -> None:
+    """Pretrain the small MLA + MoE + MTP model; print greedy samples and held-out accuracy."""
+    import json
+
+    from .train.pretrain import PretrainConfig, pretrain
+
+    out = demo.root / "pretrain"
+    banner(f"pretrain: {demo.preset} on {DATA} → {out}")
+    cfg = PretrainConfig(preset=demo.preset, data=DATA, tokenizer=str(demo.tokenizer), out=str(out), resume=True)
+    t = time.time()
+    final = pretrain(cfg)
+    print(f"pretraining took {time.time() - t:.0f} s; report: {out / 'report.md'}")
+    ev = json.loads((out / "eval.json").read_text())
+    for prompt, cont, truth, ok in ev["samples"]:
+        print("-" * 40)
+        print(prompt + cont)
+        print(f"[truth {truth}: {'correct' if ok else 'wrong'}]")
+    print("-" * 40)
+    print(f"held-out {ev['digits']}-digit addition, greedy: {ev['accuracy']:.1%} of {ev['n']} correct")
+    demo.checkpoints["pretrain"] = final
+
+
+STAGES: list[tuple[str, Callable[[Demo], None]]] = [
+    ("tokenizer", stage_tokenizer),
+    ("pretrain", stage_pretrain),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m nanoseek.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--root", default="runs/demo")
+    ap.add_argument("--fresh", action="store_true", help="delete the demo directory first")
+    args = ap.parse_args(argv)
+    demo = Demo(root=Path(args.root))
+    if args.fresh and demo.root.exists():
+        shutil.rmtree(demo.root)
+    try:
+        for _, run in STAGES:
+            run(demo)
+    except KeyboardInterrupt:
+        print("\ninterrupted; run the demo again to continue where it stopped", file=sys.stderr)
+        return 130
+    banner("done")
+    if demo.latest is not None:
+        print("serve it (OpenAI/DeepSeek-compatible API + chat page):")
+        print(f"  nanoseek serve --ckpt {demo.latest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
