@@ -194,8 +194,9 @@ class EngineSampler:
     """Rollouts through nanoseek.engine around the live policy object.
 
     The engine holds the same nn.Module the optimizer updates (no weight copy per step). What
-    it does keep across calls is its prefix cache — latents computed by *earlier* weights — so
-    it is reset before every rollout; within one call the G samples of a prompt still share it.
+    it keeps across calls — pre-folded decode weights, the prefix cache's latents — was computed
+    from *earlier* weights, so it is refreshed before every rollout; within one call the G
+    samples of a prompt still share the prompt's cached blocks.
     """
 
     def __init__(self, model, tok: Tokenizer, max_num_seqs: int, max_len: int):
@@ -211,7 +212,10 @@ class EngineSampler:
 
         was_training = self.model.training
         self.model.eval()
-        self.engine.reset_prefix_cache()
+        # the engine keeps weight-derived state (pre-folded decode weights, cached prefixes):
+        # refresh it, or this step would sample from the previous step's policy
+        refresh = getattr(self.engine, "update_weights", None) or self.engine.reset_prefix_cache
+        refresh()
         base = random.Random(seed)
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  seed=base.randrange(2**31), stop_token_ids=[self.tok.eos_id])
@@ -260,9 +264,14 @@ def batch_tensors(rollouts: list[Rollout], pad_id: int, device) -> tuple[torch.T
 
 
 def completion_logprobs(model, ids: torch.Tensor, prompt_lens: torch.Tensor, comp: torch.Tensor,
-                        with_entropy: bool = False):
-    """log π(completion token | prefix) for every completion slot, (N, C); optional entropy."""
+                        with_entropy: bool = False, temperature: float = 1.0):
+    """log π(completion token | prefix) for every completion slot, (N, C); optional entropy.
+
+    The logits are divided by the sampling temperature, as TRL does: the policy being
+    optimised is the one the rollouts were drawn from."""
     logits = model(ids)  # fp32 (N, T, V)
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
     N, C = comp.shape
     idx = (prompt_lens[:, None] - 1 + torch.arange(C, device=ids.device)[None]).clamp(max=ids.shape[1] - 1)
     sel = logits.gather(1, idx[..., None].expand(N, C, logits.shape[-1]))  # (N, C, V)
@@ -311,14 +320,15 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     mb = max(1, cfg.micro_batch_size)
     chunks = [slice(i, min(N, i + mb)) for i in range(0, N, mb)]
 
+    T = cfg.temperature
     old = ref = None
     if cfg.num_iterations > 1 or cfg.beta:
         with torch.no_grad():
             if cfg.num_iterations > 1:
                 model.eval()
-                old = torch.cat([completion_logprobs(model, ids[c], plen[c], comp[c])[0] for c in chunks])
+                old = torch.cat([completion_logprobs(model, ids[c], plen[c], comp[c], temperature=T)[0] for c in chunks])
             if cfg.beta:
-                ref = torch.cat([completion_logprobs(ref_model, ids[c], plen[c], comp[c])[0] for c in chunks])
+                ref = torch.cat([completion_logprobs(ref_model, ids[c], plen[c], comp[c], temperature=T)[0] for c in chunks])
     model.train()
     agg: dict[str, float] = {}
     ent_sum = 0.0
@@ -327,7 +337,7 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
         for c in chunks:
-            logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0))
+            logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0), temperature=T)
             loss, st = grpo_loss(logp, None if old is None else old[c], None if ref is None else ref[c],
                                  adv[c], mask[c], loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta,
@@ -369,6 +379,14 @@ def evaluate(sampler, problems, tok: Tokenizer, cfg: GRPOConfig, task) -> dict:
 
 
 # ---------------------------------------------------------------------- the command
+def build_reference(model, beta: float):
+    """The frozen reference policy for the KL term — only when beta != 0 (it costs a model's
+    memory and a forward per step; TRL and DAPO/Dr. GRPO run with beta = 0 and none at all)."""
+    if not beta:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def grpo(cfg: GRPOConfig) -> Path:
     """GRPO on a verifiable task: engine rollouts, rule rewards, clipped surrogate (+ k3 KL)."""
     from ..cli import save_run_config
@@ -385,9 +403,7 @@ def grpo(cfg: GRPOConfig) -> Path:
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
     reward_fn = weighted({name: (load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)})
     rkw = reward_kwargs(cfg.template)
-    ref_model = None
-    if cfg.beta:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    ref_model = build_reference(model, cfg.beta)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
                             weight_decay=cfg.weight_decay)
     G = cfg.num_generations

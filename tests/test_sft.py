@@ -1,0 +1,126 @@
+"""Chat SFT: what is trained (assistant tokens only), how rows are packed (conversations never
+see each other), and that the command writes a loadable checkpoint with its tokenizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.checkpoint import load_pretrained, save_pretrained
+from nanoseek.config import preset
+from nanoseek.model import DeepSeekV3
+from nanoseek.tasks import ArithmeticTask, cold_start_sft
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.sft import (SFTConfig, block_causal_mask, load_conversations, pack, resolve_ckpt, sft,
+                                sft_loss, tokenize)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    texts = [c["messages"][0]["content"] + c["messages"][1]["reasoning_content"]
+             for c in cold_start_sft(ArithmeticTask(), 200, 0)]
+    return Tokenizer.train(texts, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    torch.manual_seed(0)
+    model = DeepSeekV3(preset("tiny", vocab_size=tok.vocab_size))
+    d = tmp_path_factory.mktemp("base") / "base"
+    save_pretrained(model, d, extra={"tokenizer": lambda p: tok.save(p)})
+    return d
+
+
+def test_pack_targets_only_assistant_tokens_and_positions_restart(tok):
+    convs = load_conversations("builtin:sft-arith?n=3&seed=1")
+    ex = tokenize(convs, tok, 256)
+    rows = pack(ex, 256, tok.pad_id)
+    assert len(rows) == 1  # three short chats fit one row
+    ids, tgt, pos, doc = rows[0]
+    start = 0
+    for d, (x, m) in enumerate(ex):
+        n = len(x)
+        assert ids[start:start + n] == x
+        assert pos[start:start + n] == list(range(n))
+        assert doc[start:start + n] == [d] * n
+        # target i is token i+1 exactly where token i+1 is written by the assistant
+        want = [x[i + 1] if m[i + 1] else -100 for i in range(n - 1)] + [-100]
+        assert tgt[start:start + n] == want
+        assert sum(t != -100 for t in tgt[start:start + n]) == sum(m)  # every assistant token
+        start += n
+    assert doc[start:] == [-1] * (256 - start) and set(tgt[start:]) == {-100}
+    # the user's question is never a target; the closing <|eos|> is
+    assert tok.eos_id in [t for t in tgt if t != -100]
+    assert tok.user_id not in [t for t in tgt if t != -100]
+
+
+def test_packed_loss_equals_unpacked_losses(ckpt, tok):
+    """Block-diagonal mask + restarted positions: a packed row gives every conversation the
+    logits it would get alone, so the packed loss is the token-weighted mean of the single ones."""
+    model = load_pretrained(ckpt)
+    ex = tokenize(load_conversations("builtin:sft-arith?n=4&seed=2"), tok, 200)
+    packed = pack(ex, 200, tok.pad_id)
+    assert len(packed) == 1
+    batch = [torch.tensor([packed[0][k]]) for k in range(4)]
+    with torch.no_grad():
+        got = sft_loss(model, *batch)
+    total, count = 0.0, 0
+    for x, m in ex:
+        ids = torch.tensor([x])
+        t = torch.tensor([[x[i + 1] if m[i + 1] else -100 for i in range(len(x) - 1)] + [-100]])
+        with torch.no_grad():
+            logits = model(ids)
+        total += float(F.cross_entropy(logits[0], t[0], ignore_index=-100, reduction="sum"))
+        count += int((t != -100).sum())
+    assert float(got) == pytest.approx(total / count, rel=1e-5)
+    # and crossing the boundary would have changed it (the mask matters)
+    ids, tgt, pos, doc = batch
+    with torch.no_grad():
+        leaky = F.cross_entropy(model(ids).flatten(0, 1), tgt.flatten(), ignore_index=-100)
+    assert abs(float(leaky) - float(got)) > 1e-4
+
+
+def test_block_causal_mask_shape_and_padding():
+    m = block_causal_mask(torch.tensor([[0, 0, 1, 1, -1]]))
+    assert m.shape == (1, 1, 5, 5)
+    assert m[0, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0],
+                                      [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+
+
+def test_bad_data_names_file_and_line(tmp_path):
+    f = tmp_path / "chats.jsonl"
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                          {"role": "assistant", "content": "yo"}]}) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"chats\.jsonl:2: not valid JSON"):
+        load_conversations(str(f))
+    f.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"chats\.jsonl:1: no assistant message"):
+        load_conversations(str(f))
+    with pytest.raises(ValueError, match="unknown built-in SFT set"):
+        load_conversations("builtin:nope")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_conversations(str(tmp_path / "missing.jsonl"))
+
+
+def test_builtin_knobs_reach_the_task():
+    convs = load_conversations("builtin:sft-arith?n=5&seed=3&digits=3&ops=*&chain=2")
+    assert len(convs) == 5 and all("*" in c[0]["content"] for c in convs)
+    cd = load_conversations("builtin:sft-countdown?n=2")
+    assert len(cd) == 2 and cd[0][1]["reasoning_content"]
+
+
+def test_sft_command_writes_a_checkpoint_that_learns(ckpt, tok, tmp_path):
+    run = tmp_path / "sft"
+    cfg = SFTConfig(ckpt=str(ckpt), data="builtin:sft-arith?n=64&seed=0", out=str(run), max_steps=12,
+                    batch_size=4, seq_len=128, learning_rate=3e-3, warmup_steps=2, log_every=1)
+    out = sft(cfg)
+    assert out == run / "model" and resolve_ckpt(run) == out
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    assert json.loads((run / "sft_config.json").read_text())["max_steps"] == 12
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(12))
+    assert log[-1]["loss"] < 0.8 * log[0]["loss"]  # it fits the cold-start data
+    assert Tokenizer.load(out).vocab_size == tok.vocab_size
+    load_pretrained(out)
