@@ -52,7 +52,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below 1e-5 a temperature is greedy in all but name (and would underflow fp32 to 0)
+        return self.temperature < 1e-5
 
     @property
     def penalised(self) -> bool:
@@ -108,6 +109,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
         drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[..., 0] = False  # the best token always survives (rounding can push its prefix above a tiny top_p)
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -122,11 +124,14 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int],
         for i in special:
             st = states[i]
             p = st.params
-            row = st.penalise(logits[i])
+            # extreme penalties can overflow a logit to ±inf; keep the order, lose the infinities
+            row = torch.nan_to_num(st.penalise(logits[i]), nan=float("-inf"), posinf=1e30, neginf=-1e30)
             if p.greedy:
                 tokens[i] = row.argmax()
                 continue
-            row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
+            # shift so the best logit is 0 before dividing: a tiny temperature then gives a
+            # one-hot distribution instead of inf − inf = NaN
+            row = filter_top_k_top_p((row - row.max()) / p.temperature, p.top_k, p.top_p)
             tokens[i] = torch.multinomial(row.softmax(-1), 1, generator=st.generator)[0]
     out = tokens.tolist()
     lps: list[TokenLogprob | None] = [None] * B
