@@ -136,6 +136,10 @@ def test_training_forward_losses():
     assert 0.9 < out.balance_loss.item() < 1.5
     out.loss.backward()
     assert model.mtp[0].eh_proj.weight.grad.abs().sum() > 0
+    # λ = 0 skips the MTP modules (their MoE takes no part in the balance loss)
+    out = model(ids, tgt, mtp_weight=0.0, balance_alpha=1e-4)
+    assert out.mtp_loss is None and out.loss.item() == pytest.approx(
+        out.lm_loss.item() + 1e-4 * out.balance_loss.item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------------- counting

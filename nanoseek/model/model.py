@@ -125,7 +125,8 @@ class DeepSeekV3(nn.Module):
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + mtp_weight * mtp_loss
         balance = None
-        moes = self.moe_layers()
+        ran = list(self.layers) + ([m.block for m in self.mtp] if mtp_loss is not None else [])
+        moes = [layer.mlp for layer in ran if isinstance(layer.mlp, MoE)]  # the MoEs this forward used
         if moes and self.training:
             balance = torch.stack([m.balance_loss for m in moes]).mean()
             if balance_alpha:
