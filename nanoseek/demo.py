@@ -78,9 +78,52 @@ def stage_pretrain(demo: Demo) -> None:
     demo.checkpoints["pretrain"] = final
 
 
+# ---- reasoning stages (SFT cold start → GRPO with verifiable rewards); see docs/reasoning.md
+SFT_DATA = "builtin:sft-arith?n=1000&digits=3"  # cold start: worked <think> traces, operands of 1-3 digits
+GRPO_TASK = {"digits": 3}                          # the same knob, which the short cold start leaves half-learnt
+
+
+def _task_eval(ckpt: Path, label: str) -> dict:
+    from .eval.tasks import EvalConfig, evaluate_task
+
+    res = evaluate_task(EvalConfig(ckpt=str(ckpt), task="arithmetic", task_args=GRPO_TASK, n=200, k=1,
+                                   temperature=0.0))
+    print(f"{label}: held-out 3-digit addition, greedy: {res['pass@1']:.1%} correct, format {res['format']:.1%}")
+    return res
+
+
+def stage_sft(demo: Demo) -> None:
+    """Cold-start SFT: chats whose assistant turn thinks (column by column) then answers."""
+    from .train.sft import SFTConfig, resolve_ckpt, sft
+
+    out = demo.root / "sft"
+    banner(f"sft: {SFT_DATA} → {out}")
+    if not (out / "model" / "config.json").exists():
+        sft(SFTConfig(ckpt=str(demo.latest), data=SFT_DATA, out=str(out), epochs=1.5))
+    demo.checkpoints["sft"] = resolve_ckpt(out)
+    _task_eval(demo.checkpoints["sft"], "after SFT")
+
+
+def stage_grpo(demo: Demo) -> None:
+    """GRPO on held-out-checked 3-digit addition: accuracy + format rewards, engine rollouts."""
+    from .train.grpo import GRPOConfig, grpo
+
+    out = demo.root / "grpo"
+    banner(f"grpo: arithmetic {GRPO_TASK} from {demo.latest} → {out} (about 20 minutes on 2 cores)")
+    if not (out / "model" / "config.json").exists():
+        grpo(GRPOConfig(ckpt=str(demo.latest), task="arithmetic", task_args=GRPO_TASK, out=str(out),
+                        max_steps=400, max_minutes=19, prompts_per_step=8, num_generations=8,
+                        max_completion_length=80, learning_rate=1e-4, epsilon_high=0.28, eval_steps=10))
+    demo.checkpoints["grpo"] = out / "model"
+    _task_eval(demo.checkpoints["grpo"], "after GRPO")
+    print(f"reward/accuracy plot: {out / 'grpo.png'}; per-step metrics: {out / 'metrics.jsonl'}")
+
+
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("tokenizer", stage_tokenizer),
     ("pretrain", stage_pretrain),
+    ("sft", stage_sft),
+    ("grpo", stage_grpo),
 ]
 
 

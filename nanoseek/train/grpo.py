@@ -81,6 +81,7 @@ class GRPOConfig:
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: end only)"})
     seed: int = 0
     device: str = "auto"
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 on a busy machine)"})
     engine: str = field(default="auto", metadata={"help": "rollouts: auto | engine | simple (the in-file sampler)"})
 
     def __post_init__(self) -> None:
@@ -391,6 +392,8 @@ def grpo(cfg: GRPOConfig) -> Path:
     """GRPO on a verifiable task: engine rollouts, rule rewards, clipped surrogate (+ k3 KL)."""
     from ..cli import save_run_config
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     device = pick_device(cfg.device)

@@ -47,6 +47,7 @@ class SFTConfig:
     pack: bool = field(default=True, metadata={"help": "pack conversations (block-diagonal attention)"})
     seed: int = 0
     device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 on a busy machine)"})
     log_every: int = 10
 
 
@@ -192,6 +193,8 @@ def sft(cfg: SFTConfig) -> Path:
     """Supervised fine-tuning on chats (assistant tokens only, packed), saves an HF checkpoint."""
     from ..cli import save_run_config
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     ckpt = resolve_ckpt(cfg.ckpt)

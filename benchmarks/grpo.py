@@ -1,0 +1,153 @@
+"""GRPO step throughput (rollout + update, completions/s): nanoseek vs TRL's GRPOTrainer.
+
+Both sides start from the same exported checkpoint directory (nanoseek writes HF deepseek_v3
+directories; transformers loads it as DeepseekV3ForCausalLM), train on the same prompts with
+the same G, max_completion_length, temperature, loss (dapo, beta 0, group scaling, one update
+per generation) and the same rule reward, and are timed side by side in one process.
+The first step of each is a warm-up and is not timed.
+
+    python benchmarks/grpo.py --ckpt runs/demo/sft/model [--steps 3 --prompts 8 --G 8 --len 64]
+
+TRL is needed for this benchmark only (`pip install trl`); it generates with transformers'
+`generate` (no vLLM on CPU), nanoseek with its paged latent-cache engine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanoseek.tasks import get_task  # noqa: E402
+from nanoseek.tasks.rewards import accuracy_reward, format_reward  # noqa: E402
+from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.train.sft import resolve_ckpt  # noqa: E402
+
+
+def problems_for(args):
+    task = get_task("arithmetic", **json.loads(args.task_args))
+    return task.make(args.prompts * (args.steps + 1), seed=7, split="train")
+
+
+def reward(texts, probs) -> list[float]:
+    acc = accuracy_reward(texts, probs)
+    fmt = format_reward(texts, probs, answer_tags=False)
+    return [a + f for a, f in zip(acc, fmt)]
+
+
+def bench_nanoseek(ckpt: Path, args, probs) -> dict:
+    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.train.grpo import GRPOConfig, build_prompt, grpo_update, make_sampler
+
+    tok = Tokenizer.load(ckpt)
+    model = load_pretrained(ckpt)
+    cfg = GRPOConfig(ckpt=str(ckpt), task="arithmetic", out="-", num_generations=args.G,
+                     max_completion_length=args.len, temperature=1.0, learning_rate=1e-6,
+                     loss_type="dapo", beta=0.0, scale_rewards="group", dynamic_sampling=False,
+                     mask_truncated_completions=False, micro_batch_size=args.prompts * args.G)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
+    sampler = make_sampler("engine", model, tok, args.prompts * args.G, args.len + 128)
+    times, n_tok = [], 0
+    for s in range(args.steps + 1):
+        batch = [p for p in probs[s * args.prompts:(s + 1) * args.prompts] for _ in range(args.G)]
+        t0 = time.perf_counter()
+        rolls = sampler.generate([build_prompt(p, tok, "chat") for p in batch], args.len, 1.0, seed=s)
+        r = torch.tensor(reward([tok.decode(x.ids) for x in rolls], batch))
+        grpo_update(model, opt, None, rolls, r, cfg, tok.pad_id)
+        if s:
+            times.append(time.perf_counter() - t0)
+            n_tok += sum(len(x.ids) for x in rolls)
+    n = args.steps * args.prompts * args.G
+    return {"completions_per_s": n / sum(times), "s_per_step": sum(times) / len(times),
+            "mean_completion_tokens": n_tok / n}
+
+
+def bench_trl(ckpt: Path, args, probs) -> dict:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    tok = Tokenizer.load(ckpt)
+    hf_tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_id
+    model.generation_config.pad_token_id = tok.pad_id
+    model.generation_config.bos_token_id = tok.bos_id
+    rows = [{"prompt": tok.render_chat_text([{"role": "user", "content": p.prompt}], add_generation_prompt=True),
+             "idx": i} for i, p in enumerate(probs)]
+    # G copies of each prompt are made by TRL; the sampler visits prompts in dataset order
+    ds = Dataset.from_list(rows)
+
+    def trl_reward(prompts, completions, idx, completion_ids=None, **kw):
+        # TRL decodes without special tokens (<think> would vanish); score the same text as
+        # nanoseek does, from the ids, when TRL hands them over
+        texts = [tok.decode(c) for c in completion_ids] if completion_ids is not None else completions
+        return reward(texts, [probs[i] for i in idx])
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, *a, **k):
+            stamps.append(time.perf_counter())
+
+    out = tempfile.mkdtemp(prefix="trl-grpo-")
+    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.G,
+                     num_generations=args.G, max_completion_length=args.len, temperature=1.0,
+                     top_k=0, learning_rate=1e-6, beta=0.0, loss_type="dapo", scale_rewards="group",
+                     num_iterations=1, max_steps=args.steps + 1, use_cpu=True, bf16=False,
+                     report_to="none", logging_steps=1, save_strategy="no", shuffle_dataset=False,
+                     disable_tqdm=True, dataloader_num_workers=0, seed=0)
+    trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=ds,
+                          processing_class=hf_tok, callbacks=[Clock()])
+    trainer.train()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    n = args.steps * args.prompts * args.G
+    hist = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"completions_per_s": n / sum(gaps), "s_per_step": sum(gaps) / len(gaps),
+            "mean_completion_tokens": float(hist[-1]["completions/mean_length"]) if hist else float("nan"),
+            "reward": float(hist[-1]["reward"]) if hist else float("nan")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--G", type=int, default=8)
+    ap.add_argument("--len", type=int, default=64)
+    ap.add_argument("--task-args", default='{"digits": 3}')
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ckpt = resolve_ckpt(args.ckpt)
+    probs = problems_for(args)
+    ns = bench_nanoseek(ckpt, args, probs)
+    try:
+        trl = bench_trl(ckpt, args, probs)
+    except ImportError as e:
+        print(f"TRL not available ({e}); `pip install trl` to compare")
+        trl = None
+    print(f"\nGRPO step throughput, {args.prompts} prompts x G={args.G}, max_completion_length={args.len}, "
+          f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
+    print(f"  nanoseek : {ns['completions_per_s']:.2f} completions/s ({ns['s_per_step']:.1f} s/step, "
+          f"mean completion {ns['mean_completion_tokens']:.0f} tokens)")
+    if trl:
+        print(f"  TRL      : {trl['completions_per_s']:.2f} completions/s ({trl['s_per_step']:.1f} s/step, "
+              f"mean completion {trl['mean_completion_tokens']:.0f} tokens, reward {trl['reward']:.2f})")
+        print(f"  ratio    : {ns['completions_per_s'] / trl['completions_per_s']:.1f}x")
+    print("command: python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
