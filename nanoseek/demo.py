@@ -39,6 +39,24 @@ def banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
 
 
+def stage_parity(demo: Demo) -> None:
+    """Open weights, checked: a nanoseek checkpoint loads in transformers and back, same logits."""
+    import nanoseek
+    from .compat import transformers_roundtrip
+
+    banner("open weights: tiny DeepSeek-V3 → transformers → nanoseek")
+    try:
+        import transformers  # noqa: F401  (a test dependency; `make` installs it)
+    except ImportError:
+        print("transformers is not installed; skipping the round trip")
+        return
+    r = transformers_roundtrip(nanoseek.load_model("tiny", seed=0))
+    ok = max(r.max_abs_diff_hf, r.max_abs_diff_back) <= 1e-4 and r.same_greedy
+    print(f"nanoseek vs transformers DeepseekV3ForCausalLM: max |Δlogits| {r.max_abs_diff_hf:.1e}; "
+          f"after transformers' save_pretrained → nanoseek: {r.max_abs_diff_back:.1e}; "
+          f"greedy continuations {'identical' if r.same_greedy else 'DIFFER'} → {'agree' if ok else 'DISAGREE'}")
+
+
 def stage_tokenizer(demo: Demo) -> None:
     """Byte-level BPE with split digits, trained on the arithmetic corpus (vocab from the preset)."""
     from .config import preset
@@ -120,6 +138,7 @@ def stage_grpo(demo: Demo) -> None:
 
 
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
+    ("parity", stage_parity),
     ("tokenizer", stage_tokenizer),
     ("pretrain", stage_pretrain),
     ("sft", stage_sft),
