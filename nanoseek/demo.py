@@ -131,7 +131,8 @@ def stage_grpo(demo: Demo) -> None:
     if not (out / "model" / "config.json").exists():
         grpo(GRPOConfig(ckpt=str(demo.latest), task="arithmetic", task_args=GRPO_TASK, out=str(out),
                         max_steps=400, max_minutes=19, prompts_per_step=8, num_generations=8,
-                        max_completion_length=80, learning_rate=1e-4, epsilon_high=0.28, eval_steps=10))
+                        max_completion_length=80, learning_rate=3e-5, temperature=0.8, epsilon_high=0.28,
+                        reward_weights=[1.0, 0.2], eval_steps=10, threads=1))
     demo.checkpoints["grpo"] = out / "model"
     _task_eval(demo.checkpoints["grpo"], "after GRPO")
     print(f"reward/accuracy plot: {out / 'grpo.png'}; per-step metrics: {out / 'metrics.jsonl'}")

@@ -225,7 +225,7 @@ def sft(cfg: SFTConfig) -> Path:
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
         if step % cfg.log_every == 0 or step == total - 1:
-            rec = {"step": step, "loss": round(float(loss), 4), "grad_norm": round(gnorm, 3),
+            rec = {"step": step, "loss": round(float(loss.detach()), 4), "grad_norm": round(gnorm, 3),
                    "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
             log.write(json.dumps(rec) + "\n")
             log.flush()
