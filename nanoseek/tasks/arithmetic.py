@@ -257,14 +257,12 @@ def parse_pretrain_answer(text: str) -> str | None:
     return normalize_number(first[0]) if first else None
 
 
-# The mix: mostly 1-3 digit addition (what the demo evaluates; a small model on a CPU budget
-# learns the column-by-column digit copying from ~2M tokens only if most of them are additions),
-# with a little subtraction, short multiplication and short chains for variety.
+# The mix: mostly 1-3 digit addition, some subtraction, short multiplication, short chains.
 _MIX = [  # (weight, digits, ops, chain, mul_digits)
-    (0.85, 3, "+", 2, None),
-    (0.05, 3, "-", 2, None),
-    (0.05, 2, "*", 2, 1),
-    (0.05, 2, "+-", 3, None),
+    (0.60, 3, "+", 2, None),
+    (0.15, 3, "-", 2, None),
+    (0.15, 2, "*", 2, 1),
+    (0.10, 2, "+-", 3, None),
 ]
 
 
