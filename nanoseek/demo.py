@@ -97,7 +97,7 @@ def stage_pretrain(demo: Demo) -> None:
 
 
 # ---- reasoning stages (SFT cold start → GRPO with verifiable rewards); see docs/reasoning.md
-SFT_DATA = "builtin:sft-arith?n=1000&digits=3"  # cold start: worked <think> traces, operands of 1-3 digits
+SFT_DATA = "builtin:sft-arith?n=4000&digits=3"  # cold start: worked <think> traces, operands of 1-3 digits
 GRPO_TASK = {"digits": 3}                          # the same knob, which the short cold start leaves half-learnt
 
 
@@ -117,7 +117,7 @@ def stage_sft(demo: Demo) -> None:
     out = demo.root / "sft"
     banner(f"sft: {SFT_DATA} → {out}")
     if not (out / "model" / "config.json").exists():
-        sft(SFTConfig(ckpt=str(demo.latest), data=SFT_DATA, out=str(out), epochs=1.5))
+        sft(SFTConfig(ckpt=str(demo.latest), data=SFT_DATA, out=str(out), epochs=2))
     demo.checkpoints["sft"] = resolve_ckpt(out)
     _task_eval(demo.checkpoints["sft"], "after SFT")
 
