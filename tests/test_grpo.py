@@ -11,30 +11,10 @@ import statistics
 import pytest
 import torch
 
-from nanoseek.checkpoint import load_pretrained, save_pretrained
-from nanoseek.config import preset
-from nanoseek.model import DeepSeekV3
-from nanoseek.tasks import ArithmeticTask, cold_start_sft
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.checkpoint import load_pretrained
 from nanoseek.train import grpo as G
 from nanoseek.train.grpo import (EngineSampler, GRPOConfig, Rollout, SimpleSampler, build_reference, grpo,
                                  grpo_update)
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    texts = [c["messages"][0]["content"] + c["messages"][1]["reasoning_content"]
-             for c in cold_start_sft(ArithmeticTask(), 200, 0)]
-    return Tokenizer.train(texts, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tok):
-    torch.manual_seed(0)
-    model = DeepSeekV3(preset("tiny", vocab_size=tok.vocab_size))
-    d = tmp_path_factory.mktemp("base") / "base"
-    save_pretrained(model, d, extra={"tokenizer": lambda p: tok.save(p)})
-    return d
 
 
 def scripted_rollouts(n: int, seed: int = 0, truncated=()) -> list[Rollout]:
