@@ -496,36 +496,55 @@ async def _until_disconnect(request: Request, coro):
                 await task
 
 
+@dataclass
+class _Run:
+    """What a non-streamed request has generated so far. Kept current while it runs, so the
+    `finally` of a cancelled request (client gone) can still meter what it used."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    t_first: float | None = None
+    text: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    lps: list = field(default_factory=list)
+    ev: Any = None
+    finished: bool = False
+
+    async def collect(self, srv: "_Server", prompt_ids, params, rid) -> None:
+        async for ev in srv.events(prompt_ids, params, rid, keepalive=False):
+            if self.t_first is None and ev.token_ids:
+                self.t_first = time.perf_counter()
+            self.text.append(ev.text_delta)
+            self.ids += list(ev.token_ids)
+            if params.logprobs:
+                self.lps += srv.logprobs(ev)
+            self.ev, self.finished = ev, ev.finished
+        if self.ev is None:
+            raise APIError(500, "the engine returned no output", "internal_error")
+
+    def close(self, srv: "_Server", usage, in_think: bool) -> None:
+        srv.in_flight -= 1
+        if usage is None and self.ev is not None:
+            usage = srv.usage(self.ev, self.ids, in_think)
+        srv.finish_metrics(usage, self.t0, self.t_first, aborted=not self.finished)
+
+
 async def _chat_full(srv: _Server, req, rid, prompt_ids, params, in_think):
     srv.in_flight += 1
-    t0, t_first, usage, finished = time.perf_counter(), None, None, False
-    text, ids, lps, ev = [], [], [], None
+    run, usage = _Run(), None
     try:
-        async for ev in srv.events(prompt_ids, params, rid, keepalive=False):
-            if t_first is None and ev.token_ids:
-                t_first = time.perf_counter()
-            text.append(ev.text_delta)
-            ids += list(ev.token_ids)
-            if params.logprobs:
-                lps += srv.logprobs(ev)
-            finished = ev.finished
-        if ev is None:
-            raise APIError(500, "the engine returned no output", "internal_error")
+        await run.collect(srv, prompt_ids, params, rid)
         splitter = ThinkSplitter(in_think)
-        pieces = splitter.feed("".join(text)) + splitter.flush()
+        pieces = splitter.feed("".join(run.text)) + splitter.flush()
         reasoning = "".join(t for k, t in pieces if k == REASONING)
         content = "".join(t for k, t in pieces if k == CONTENT)
-        usage = srv.usage(ev, ids, in_think)
+        usage = srv.usage(run.ev, run.ids, in_think)
         msg = ResponseMessage(content=content, reasoning_content=reasoning if splitter.saw_think else None)
         return ChatCompletionResponse(
             id=rid, model=req.model, usage=usage,
-            choices=[ChatChoice(message=msg, finish_reason=ev.finish_reason,
-                                logprobs=ChoiceLogprobs(content=lps) if params.logprobs else None)])
+            choices=[ChatChoice(message=msg, finish_reason=run.ev.finish_reason,
+                                logprobs=ChoiceLogprobs(content=run.lps) if params.logprobs else None)])
     finally:
-        srv.in_flight -= 1
-        if usage is None and ev is not None:
-            usage = srv.usage(ev, ids, in_think)
-        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+        run.close(srv, usage, in_think)
 
 
 async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, include_usage):
@@ -594,31 +613,18 @@ def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
 
 async def _completion_full(srv: _Server, req, rid, prompt_ids, params):
     srv.in_flight += 1
-    t0, t_first, usage, finished, ev = time.perf_counter(), None, None, False, None
-    text, ids, lps = [], [], []
+    run, usage = _Run(), None
     try:
-        async for ev in srv.events(prompt_ids, params, rid, keepalive=False):
-            if t_first is None and ev.token_ids:
-                t_first = time.perf_counter()
-            text.append(ev.text_delta)
-            ids += list(ev.token_ids)
-            if params.logprobs:
-                lps += srv.logprobs(ev)
-            finished = ev.finished
-        if ev is None:
-            raise APIError(500, "the engine returned no output", "internal_error")
-        out = "".join(text)
+        await run.collect(srv, prompt_ids, params, rid)
+        out = "".join(run.text)
         if req.echo:
             out = (req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt)) + out
-        usage = srv.usage(ev, ids, False)
+        usage = srv.usage(run.ev, run.ids, False)
         return CompletionResponse(id=rid, model=req.model, usage=usage, choices=[CompletionChoice(
-            text=out, finish_reason=ev.finish_reason,
-            logprobs=_completion_logprobs(lps) if params.logprobs else None)])
+            text=out, finish_reason=run.ev.finish_reason,
+            logprobs=_completion_logprobs(run.lps) if params.logprobs else None)])
     finally:
-        srv.in_flight -= 1
-        if usage is None and ev is not None:
-            usage = srv.usage(ev, ids, False)
-        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+        run.close(srv, usage, False)
 
 
 async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include_usage):
