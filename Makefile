@@ -28,8 +28,13 @@ browser:
 	@test -x /usr/bin/chromium || (apt-get update -q && apt-get install -y -q chromium) \
 		|| echo "could not install chromium: tests/test_ui.py will be skipped" 
 
+# Each prints its figures and the command that measures them (results: docs/benchmarks.md).
 bench: $(STAMP)
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/serve_load.py
+	@if [ -d runs/demo/sft/model ]; then $(BIN)/python benchmarks/grpo.py --ckpt runs/demo/sft/model; \
+	else echo "benchmarks/grpo.py compares against TRL on the demo's SFT checkpoint: run make demo first"; fi
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
