@@ -196,18 +196,16 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------------- presets
+def _yarn_4k_to_160k(mscale: float) -> dict:
+    """DeepSeek's released YaRN: a 4K pretraining context stretched 40× (V2 and V3 differ in mscale)."""
+    return {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
+            "beta_slow": 1, "mscale": mscale, "mscale_all_dim": mscale}
+
+
 def _v3_671b() -> ModelConfig:
     return ModelConfig(
         max_position_embeddings=163840,
-        rope_scaling={
-            "type": "yarn",
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 1.0,
-            "mscale_all_dim": 1.0,
-        },
+        rope_scaling=_yarn_4k_to_160k(mscale=1.0),
         torch_dtype="bfloat16",
     )
 
@@ -236,15 +234,7 @@ def _v2_lite() -> ModelConfig:
         topk_method="greedy",
         num_nextn_predict_layers=0,
         max_position_embeddings=163840,
-        rope_scaling={
-            "type": "yarn",
-            "factor": 40,
-            "original_max_position_embeddings": 4096,
-            "beta_fast": 32,
-            "beta_slow": 1,
-            "mscale": 0.707,
-            "mscale_all_dim": 0.707,
-        },
+        rope_scaling=_yarn_4k_to_160k(mscale=0.707),
         bos_token_id=100000,
         eos_token_id=100001,
         torch_dtype="bfloat16",
