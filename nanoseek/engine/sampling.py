@@ -38,8 +38,8 @@ class SamplingParams:
             bad(f"max_tokens={self.max_tokens} must be ≥ 1")
         if self.temperature < 0:
             bad(f"temperature={self.temperature} must be ≥ 0")
-        if not 0 < self.top_p <= 1:
-            bad(f"top_p={self.top_p} must be in (0, 1]")
+        if not 0 <= self.top_p <= 1:  # 0 keeps only the most likely token (OpenAI's range)
+            bad(f"top_p={self.top_p} must be in [0, 1]")
         if self.top_k < 0:
             bad(f"top_k={self.top_k} must be ≥ 0")
         if self.repetition_penalty <= 0:

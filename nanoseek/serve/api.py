@@ -45,7 +45,6 @@ from .reasoning import CONTENT, REASONING, ThinkSplitter, count_reasoning_tokens
 
 log = logging.getLogger("nanoseek.serve")
 UI_DIR = Path(__file__).parent / "ui"
-GREEDY_BELOW = 1e-5  # temperatures below this are served as greedy (as vLLM does)
 
 
 @dataclass
@@ -246,14 +245,9 @@ class _Server:
                            param="messages")
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or room
         max_tokens = min(max_tokens, room, self.cfg.max_tokens_limit or room)
-        # A top_p near 0 keeps only the most likely token, and a temperature under 1e-5 divides the
-        # logits into inf/NaN (one such row fails the engine's whole batch): both are greedy decoding.
-        temperature, top_p = req.temperature, req.top_p
-        if top_p < GREEDY_BELOW or temperature < GREEDY_BELOW:
-            temperature, top_p = 0.0, 1.0
-        try:
+        try:  # a vanishing temperature or top_p is greedy decoding: the sampler itself handles both
             return SamplingParams(
-                max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=req.top_k,
+                max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                 repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
                 logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)
