@@ -71,8 +71,11 @@ def test_corpus_format_and_heldout_never_leaks():
     assert len(docs) == 300 and docs[:3] == list(builtin_corpus("arith", 3, seed=0))
     test = ArithmeticTask(digits=2, ops="+").make(60, seed=0, split="test")
     test_q = {f"Q: {p.meta['expr']}\n" for p in test}
-    blocks = [b for d in docs for b in d.split("\n\n")]
-    assert 4 * 300 <= len(blocks) <= 8 * 300
+    qa = [d for d in docs if d.startswith("Q: ")]
+    chats = [d for d in docs if d.startswith("User: ")]
+    assert len(qa) + len(chats) == 300 and 30 <= len(chats) <= 90  # CHAT_DOC_FRACTION = 0.2
+    blocks = [b for d in qa for b in d.split("\n\n")]
+    assert 4 * len(qa) <= len(blocks) <= 8 * len(qa)
     for b in blocks:
         q, a = b.split("\nA: ", 1)
         assert q + "\n" not in test_q
@@ -82,6 +85,16 @@ def test_corpus_format_and_heldout_never_leaks():
     assert pretrain_prompt(p) == "Q: 37+45\nA:"
     assert parse_pretrain_answer(" 7+5=12 carry 1. 3+4+1=8. 37+45=82.\n#### 82\nQ: 1+1") == "82"
     assert parse_pretrain_answer(" 7+5=12 carry") is None
+    # one-exchange chat documents: a few in the R1-Zero tag form, the rest plain; all correct
+    tagged = [c for c in chats if "<think>" in c]
+    assert 1 <= len(tagged) < len(chats) / 3
+    for c in chats:
+        q, a = c.removeprefix("User: What is ").split("?\nAssistant: ")
+        assert f"Q: {q}\n" not in test_q
+        if c in tagged:
+            assert a.startswith("<think> ") and a.endswith(f"</think> <answer> {eval(q)} </answer>")
+        else:
+            assert parse_pretrain_answer(a) == str(eval(q))
 
 
 def test_corpus_is_an_endless_stream_and_rejects_unknown_names():

@@ -257,6 +257,21 @@ def parse_pretrain_answer(text: str) -> str | None:
     return normalize_number(first[0]) if first else None
 
 
+def chat_text(p: Problem, tagged: bool) -> str:
+    """One 'User: … Assistant: …' exchange, a document of its own (so it ends with <|eos|>).
+
+    Plain: the worked solution then '#### n', as in the Q/A documents. Tagged: the R1-Zero
+    form, '<think> worked solution </think> <answer> n </answer>'. A few tagged exchanges in
+    the corpus are what lets R1-Zero GRPO start: a base model asked with `r1_zero_prompt`
+    answers in tags only as often as its data did, and the format reward grows that from
+    near 0 to 1 (it cannot reward a form the model never produces).
+    """
+    head = f"User: {p.prompt}\nAssistant:"
+    if tagged:
+        return f"{head} <think> {p.solution} </think> <answer> {p.answer} </answer>"
+    return f"{head} {p.solution}\n#### {p.answer}"
+
+
 # The mix: mostly 1-3 digit addition, some subtraction, short multiplication, short chains.
 _MIX = [  # (weight, digits, ops, chain, mul_digits)
     (0.60, 3, "+", 2, None),
@@ -264,20 +279,27 @@ _MIX = [  # (weight, digits, ops, chain, mul_digits)
     (0.15, 2, "*", 2, 1),
     (0.10, 2, "+-", 3, None),
 ]
+CHAT_DOC_FRACTION = 0.2   # documents that are one User/Assistant exchange instead of Q/A blocks
+TAGGED_CHAT_FRACTION = 0.1  # of those, the share answered in R1-Zero <think>/<answer> form
 
 
 def corpus_documents(n_docs: int | None, seed: int) -> Iterator[str]:
-    """Documents of 4-8 worked problems each, separated by a blank line; train split only."""
+    """Documents of 4-8 worked Q/A problems separated by a blank line, or (CHAT_DOC_FRACTION of
+    them) a single User/Assistant exchange (see `chat_text`); train split only."""
     rng = random.Random(f"arith-corpus:{seed}")
     weights = [m[0] for m in _MIX]
-    made = 0
-    while n_docs is None or made < n_docs:
-        probs: list[str] = []
-        want = rng.randint(4, 8)
-        while len(probs) < want:
+
+    def draw() -> Problem:
+        while True:
             _, digits, ops, chain, mul = rng.choices(_MIX, weights)[0]
             p = sample_problem(rng, digits, ops, chain, mul_digits=mul)
             if p is not None and usable(p, "train"):
-                probs.append(pretrain_text(p))
-        yield "\n".join(probs)
+                return p
+
+    made = 0
+    while n_docs is None or made < n_docs:
+        if rng.random() < CHAT_DOC_FRACTION:
+            yield chat_text(draw(), tagged=rng.random() < TAGGED_CHAT_FRACTION)
+        else:
+            yield "\n".join(pretrain_text(draw()) for _ in range(rng.randint(4, 8)))
         made += 1
