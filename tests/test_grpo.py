@@ -101,6 +101,31 @@ def test_dynamic_sampling_drops_equal_reward_groups(ckpt):
     assert st["num_sequences_trained"] == 8
 
 
+def test_zero_advantage_sequences_are_skipped_but_still_normalise(ckpt):
+    """dynamic_sampling off, dapo: the equal-reward group gets advantage exactly 0, is not run
+    through the model, yet its tokens stay in the dapo denominator — so the update equals the
+    hand-computed one over all 8 sequences (TRL's)."""
+    torch.manual_seed(0)
+    model = load_pretrained(ckpt).train()
+    twin = copy.deepcopy(model)
+    rolls = scripted_rollouts(8, seed=3)
+    rewards = torch.tensor([0.7, 0.7, 0.7, 0.7, 1.0, 0.0, 0.0, 1.0])  # 0.7·4/4 is not exact in fp32
+    lr = 0.05
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    st = grpo_update(model, opt, None, rolls, rewards, cfg_for(dynamic_sampling=False, loss_type="dapo"), pad_id=2)
+    assert st["num_sequences_trained"] == 8 and st["num_sequences_skipped_zero_adv"] == 4
+    assert st["debug"]["logp"].shape[0] == 4
+
+    s = statistics.stdev([1.0, 0.0, 0.0, 1.0])
+    adv = [0.0] * 4 + [(x - 0.5) / (s + 1e-4) for x in (1.0, 0.0, 0.0, 1.0)]
+    n_tok = sum(len(r.ids) for r in rolls)
+    surrogate = -sum(adv[i] * hand_logp(twin, r).sum() for i, r in enumerate(rolls)) / n_tok
+    surrogate.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        want = q.detach() - lr * (q.grad if q.grad is not None else torch.zeros_like(q))
+        torch.testing.assert_close(p.detach(), want, atol=2e-6, rtol=1e-4, msg=name)
+
+
 def test_truncated_completions_are_masked_and_carry_no_gradient(ckpt):
     model = load_pretrained(ckpt).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

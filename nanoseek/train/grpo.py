@@ -307,8 +307,22 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     if not bool(keep.any()):
         stats["skipped"] = True
         return stats
-    sel = [r for r, k in zip(rollouts, keep.tolist()) if k]
-    adv = adv[keep].to(device)
+    adv = adv[keep]
+    kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+    # the loss normalisers count every kept sequence: N, and the tokens that count (dapo)
+    N = len(kept)
+    n_tok_total = float(max(1, sum(0 if cfg.mask_truncated_completions and r.truncated else len(r.ids)
+                                   for r in kept)))
+    # A sequence with advantage 0 adds exactly 0 to the loss and to its gradient when beta = 0
+    # (−min(ρ·0, clip(ρ)·0) = 0 for any ρ), so its forward and backward are skipped; it still
+    # counts in the normalisers above, so the update is the one over the whole batch.
+    live = adv != 0 if cfg.beta == 0 else torch.ones_like(adv, dtype=torch.bool)
+    stats["num_sequences_skipped_zero_adv"] = int((~live).sum())
+    if not bool(live.any()):
+        stats["skipped"] = True
+        return stats
+    sel = [r for r, k in zip(kept, live.tolist()) if k]
+    adv = adv[live].to(device)
     ids, comp, lens = batch_tensors(sel, pad_id, device)
     plen = torch.tensor([len(r.prompt_ids) for r in sel], device=device)
     C = comp.shape[1]
@@ -316,10 +330,9 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     if cfg.mask_truncated_completions:
         trunc = torch.tensor([r.truncated for r in sel], device=device)
         mask = mask * (~trunc).float()[:, None]
-    n_tok_total = float(mask.sum().clamp(min=1))
-    N = len(sel)
+    n_tok_live = float(mask.sum().clamp(min=1))
     mb = max(1, cfg.micro_batch_size)
-    chunks = [slice(i, min(N, i + mb)) for i in range(0, N, mb)]
+    chunks = [slice(i, min(len(sel), i + mb)) for i in range(0, len(sel), mb)]
 
     T = cfg.temperature
     old = ref = None
@@ -348,8 +361,8 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
             # each loss_type normalises over the whole batch: re-weight the micro-batch means
             w = tok_c / n_tok_total if cfg.loss_type == "dapo" else n_c / N
             (loss * w).backward()
-            for k, v in st.items():
-                agg[k] = agg.get(k, 0.0) + v * tok_c / n_tok_total / cfg.num_iterations
+            for k, v in st.items():  # token means over the sequences trained on
+                agg[k] = agg.get(k, 0.0) + v * tok_c / n_tok_live / cfg.num_iterations
             agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * w / cfg.num_iterations
             if it == 0:
                 ent_sum += float((ent * mask[c]).sum())
@@ -357,7 +370,7 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         opt.step()
     stats.update(agg)
-    stats["entropy"] = ent_sum / n_tok_total
+    stats["entropy"] = ent_sum / n_tok_live
     stats["grad_norm"] = gnorm
     stats["debug"] = {"advantages": adv.cpu(), "mask": mask.cpu(), "logp": torch.cat(debug_logp).cpu(),
                       "keep": keep.cpu()}

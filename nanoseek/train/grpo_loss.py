@@ -41,7 +41,9 @@ def group_advantages(rewards: torch.Tensor, G: int, scale_rewards: str | bool = 
     if G < 1 or rewards.numel() % G:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of G={G}")
     r = rewards.detach().float().view(-1, G)
-    A = r - r.mean(dim=1, keepdim=True)
+    # equal rewards ⇒ exactly zero advantage (a float mean of equal values can be off by an ulp,
+    # which the 1e-4 below would blow up to ~1e-3); the update then skips such sequences
+    A = torch.where((r == r[:, :1]).all(1, keepdim=True), 0.0, r - r.mean(dim=1, keepdim=True))
     if scale_rewards == "none":
         return A.flatten()
     if scale_rewards == "group":
