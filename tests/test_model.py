@@ -113,6 +113,23 @@ def test_prefill_then_absorbed_decode():
     assert (torch.cat([pre, rest], 1) - full).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("T", [1, 37, 64, 130])
+def test_blocked_causal_attention_matches_sdpa(T):
+    """The block-skipping causal attention (forward and its hand-written backward) == SDPA's."""
+    from nanoseek.model.attention import CausalAttention
+
+    g = torch.Generator().manual_seed(T)
+    q, k = (torch.randn(2, 3, T, 24, generator=g, dtype=torch.float64, requires_grad=True) for _ in "qk")
+    v = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    d_out = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64)
+    ours = CausalAttention.apply(q * 0.3, k, v, 32)
+    grads = torch.autograd.grad(ours, (q, k, v), d_out)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), d_out)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours, ref)
+
+
 def test_yarn_softmax_scale_v3():
     cfg = preset("v3-671b")
     assert cfg.softmax_scale() == pytest.approx(192**-0.5 * (0.1 * 1.0 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)

@@ -24,6 +24,50 @@ from .layers import RMSNorm
 from .rope import apply_rope
 
 
+class CausalAttention(torch.autograd.Function):
+    """softmax(q·kᵀ + causal mask)·v for pre-scaled q, k (B, H, T, d_qk) and v (B, H, T, d_v).
+
+    Queries go in blocks of `block` rows, each scored only against the keys up to its own last
+    row, so the all-masked upper-right of the T×T score matrix is never computed (5/8 of the
+    square is, at T = 4·block). The probabilities P are kept for backward, which is the textbook
+    one: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K, dK = dSᵀ·Q.
+    Written out because MLA's d_qk ≠ d_v keeps PyTorch's CPU SDPA on its unfused math path,
+    which scores, masks and differentiates the whole square.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, block: int = 64):
+        B, H, T, _ = q.shape
+        q, k, v = (t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v))
+        out, probs = q.new_empty(B * H, T, v.shape[-1]), []
+        for i in range(0, T, block):
+            j = min(i + block, T)  # queries i..j-1 see keys 0..j-1
+            future = torch.ones(j - i, j, dtype=torch.bool, device=q.device).triu(i + 1)
+            mask = torch.zeros(j - i, j, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+            p = torch.baddbmm(mask, q[:, i:j], k[:, :j].transpose(1, 2)).softmax(dim=-1)
+            torch.bmm(p, v[:, :j], out=out[:, i:j])
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, out, *probs)
+        ctx.block = block
+        return out.view(B, H, T, -1)
+
+    @staticmethod
+    def backward(ctx, d_out):
+        q, k, v, out, *probs = ctx.saved_tensors
+        shape = d_out.shape[:2]
+        d_out = d_out.reshape(out.shape)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        rowsum = (d_out * out).sum(-1, keepdim=True)
+        for i, p in zip(range(0, q.shape[1], ctx.block), probs):
+            j = i + p.shape[1]
+            dv[:, :j].baddbmm_(p.transpose(1, 2), d_out[:, i:j])
+            ds = torch.baddbmm(rowsum[:, i:j], d_out[:, i:j], v[:, :j].transpose(1, 2), beta=-1).mul_(p)
+            torch.bmm(ds, k[:, :j], out=dq[:, i:j])
+            dk[:, :j].baddbmm_(ds.transpose(1, 2), q[:, i:j])
+        return (dq.view(*shape, *dq.shape[1:]), dk.view(*shape, *dk.shape[1:]),
+                dv.view(*shape, *dv.shape[1:]), None)
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -78,7 +122,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.dr)), dim=-1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        if mask is None:
+            out = CausalAttention.apply(q * self.scale, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.dv)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
