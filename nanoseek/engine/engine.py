@@ -263,8 +263,12 @@ class Engine:
             self.scheduler.register_full_blocks(r)
         if not ready:
             return events
-        m = self.model
-        logits = m.lm_head(m.norm(torch.cat(rows))).float()
+        h = torch.cat(rows) if len(rows) > 1 else rows[0]
+        if self._fast is not None:
+            logits = self._fast.logits(h)
+        else:
+            m = self.model
+            logits = m.lm_head(m.norm(h)).float()
         tokens, lps = sample(logits, [r.sampler for r in ready])
         for r, tok, lp in zip(ready, tokens, lps):
             events.append(self._accept(r, tok, lp))

@@ -6,10 +6,17 @@ cuts that down without changing the math:
 
 * W_UK is folded into the query up-projection once (q_abs = h·(W_UK^T W_Q,nope)^T), and W_UV into
   o_proj (W_O W_UV) — REFERENCE §4's absorption, done at load time instead of every step;
+* every RMSNorm whose output only feeds matmuls has its gain folded into those matmuls
+  (W·(g ⊙ x̂) = (W·diag g)·x̂): the input norms, q's norm, the router and the experts;
+* RoPE costs two in-place ops: the projections emit the rope dims already de-interleaved
+  ([evens; odds], the layout apply_rope writes) plus a half-swapped copy ([odds; evens]), so
+  rope(x) = x·[cos; cos] + swap(x)·[−sin; sin], with the tables built once per step;
 * the cache keeps [c_kv ; k_pe] side by side, so q_abs·c_kv + q_pe·k_pe is one batched matmul
   against the gathered latents: scores = [q_abs ; q_pe] · [c_kv ; k_pe]^T;
 * the query and latent down-projections share one matmul; so do each SwiGLU's gate and up;
-* a single token visits only its k routed experts.
+* a single token visits only its k routed experts;
+* the latents are gathered into a buffer kept across steps: a fresh multi-MB tensor every layer
+  costs page faults that, on a CPU, took longer than the gather itself.
 
 Prefill keeps using the model's own (expanded) path; both write the same latent layout, and the
 engine's greedy test against transformers checks that they agree.
@@ -22,11 +29,7 @@ import torch.nn.functional as F
 
 from ..model.moe import MoE
 
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Same rotation and [evens; odds] layout as nanoseek.model.rope.apply_rope."""
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+_SMALL = 64 * 2**20  # bytes: extra copies of weights (stacked experts, lm_head) only below this
 
 
 class FastDecoder:
@@ -43,71 +46,130 @@ class FastDecoder:
         c = self.cfg = model.config
         self.H, self.r, self.dr, self.dn, self.dv = (c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim,
                                                      c.qk_nope_head_dim, c.v_head_dim)
+        H, r, dr, dn, dv = self.H, self.r, self.dr, self.dn, self.dv
+        dt = model.embed_tokens.weight.dtype
+        ev = torch.arange(0, dr, 2)
+        perm = torch.cat((ev, ev + 1))  # interleaved pairs → [evens; odds]
+        swap = torch.cat((ev + 1, ev))  # → [odds; evens]
+        self.eps = c.rms_norm_eps
         self.layers = []
         for layer in model.layers:
             a = layer.self_attn
-            H, r, dr, dn, dv = self.H, self.r, self.dr, self.dn, self.dv
+            g1 = layer.input_layernorm.weight.double()
             w_uk, w_uv = (w.double() for w in a._w_uk_uv())  # (H, dn, r), (H, dv, r)
             wq = (a.q_b_proj if hasattr(a, "q_b_proj") else a.q_proj).weight.double().view(H, dn + dr, -1)
             q_abs = torch.einsum("hdr,hdi->hri", w_uk, wq[:, :dn])  # (H, r, in): W_UK^T · W_Q,nope
-            wq_fold = torch.cat((q_abs, wq[:, dn:]), dim=1).reshape(H * (r + dr), -1).to(a.kv_b_proj.weight.dtype)
-            wo = a.o_proj.weight.double().view(-1, H, dv)
-            wo_fold = torch.einsum("dhv,hvr->dhr", wo, w_uv).reshape(wo.shape[0], H * r).to(wq_fold.dtype)
+            q_pe = wq[:, dn:]
+            q_main = torch.cat((q_abs, q_pe[:, perm]), dim=1).reshape(H * (r + dr), -1)
+            q_alt = q_pe[:, swap].reshape(H * dr, -1)
+            kv = a.kv_a_proj_with_mqa.weight.double()
+            kv_rows = [kv[:r], kv[r:][perm], kv[r:][swap]]  # c_kv | k_pe | swapped k_pe
             if hasattr(a, "q_a_proj"):
-                w_in = torch.cat((a.q_a_proj.weight, a.kv_a_proj_with_mqa.weight))
-                split = [a.q_a_proj.weight.shape[0], r + dr]
+                w_in = torch.cat([a.q_a_proj.weight.double()] + kv_rows) * g1
+                wq_all = torch.cat((q_main, q_alt)) * a.q_a_layernorm.weight.double()
+                split = [a.q_a_proj.weight.shape[0], r + dr, dr]
+                q_split = [H * (r + dr), H * dr]
             else:
-                w_in = torch.cat((wq_fold, a.kv_a_proj_with_mqa.weight))
-                split = [H * (r + dr), r + dr]
+                w_in = torch.cat([q_main, q_alt] + kv_rows) * g1
+                wq_all = None
+                split = [H * (r + dr), H * dr, r + dr, dr]
+                q_split = None
+            wo = a.o_proj.weight.double().view(-1, H, dv)
+            wo_fold = torch.einsum("dhv,hvr->dhr", wo, w_uv).reshape(wo.shape[0], H * r)
             mlp = layer.mlp
-            ffn = mlp.shared_experts if isinstance(mlp, MoE) else mlp
-            self.layers.append(dict(
-                ln1=layer.input_layernorm, ln2=layer.post_attention_layernorm, w_in=w_in.contiguous(), split=split,
-                q_norm=getattr(a, "q_a_layernorm", None), wq=wq_fold.contiguous() if hasattr(a, "q_a_proj") else None,
-                kv_norm=a.kv_a_layernorm, wo=wo_fold.contiguous(), scale=a.scale,
-                moe=mlp if isinstance(mlp, MoE) else None,
-                # experts' gate and up stacked: one matmul instead of two per expert; a copy, so
-                # only when the copy is small (laptop-sized models)
-                experts_gu=torch.cat((mlp.experts.gate_proj, mlp.experts.up_proj), dim=1)
-                if isinstance(mlp, MoE) and mlp.experts.gate_proj.numel() * 2 <= 64 * 2**20 else None,
-                gate_up=None if ffn is None else torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight)).contiguous(),
-                down=None if ffn is None else ffn.down_proj.weight))
+            g2 = layer.post_attention_layernorm.weight.double()
+            moe = mlp if isinstance(mlp, MoE) else None
+            ffn = mlp.shared_experts if moe is not None else mlp
+            L = dict(w_in=w_in.to(dt), split=split, q_split=q_split,
+                     wq=None if wq_all is None else wq_all.to(dt),
+                     kv_norm=a.kv_a_layernorm.weight, wo=wo_fold.to(dt), scale=a.scale,
+                     gate_up=None if ffn is None else
+                     (torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight)).double() * g2).to(dt),
+                     down=None if ffn is None else ffn.down_proj.weight, moe=None)
+            if moe is not None:
+                ex = moe.experts
+                # experts' gate and up stacked (one matmul per expert), the norm's gain folded in:
+                # a copy, so only when it is small (laptop-sized models)
+                stack = ex.gate_proj.numel() * 2 * ex.gate_proj.element_size() <= _SMALL
+                L["moe"] = dict(
+                    router=(moe.gate.weight.double() * g2).float(),
+                    bias=getattr(moe.gate, "e_score_correction_bias", None),
+                    gu=(torch.cat((ex.gate_proj, ex.up_proj), dim=1).double() * g2).to(dt) if stack else None,
+                    gate=None if stack else ex.gate_proj, up=None if stack else ex.up_proj, g2=g2.to(dt),
+                    down=ex.down_proj)
+            self.layers.append(L)
+        self.norm = model.norm.weight
+        w = model.lm_head.weight
+        # the final norm's gain folded into a transposed lm_head copy when small: a (1, D)·(D, V)
+        # matmul streams contiguous rows, ~2× faster than (1, D)·(V, D)ᵀ on CPU for one token
+        self.head_t = (w.double() * model.norm.weight.double()).t().contiguous().to(w.dtype) \
+            if w.numel() * w.element_size() <= _SMALL else None
+        self._buf = None  # the gathered latents, reused across steps
 
-    @staticmethod
-    def _norm(x, norm):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=norm.eps).to(x.dtype) * norm.weight
+    # ------------------------------------------------------------------ pieces
+    def _rms(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
-    @staticmethod
-    def _swiglu(x, gate_up, down):
-        g, u = F.linear(x, gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, down)
-
-    def _moe(self, x: torch.Tensor, moe: MoE, gate_up: torch.Tensor | None) -> torch.Tensor:
-        w, idx, _ = moe.gate(x)
-        ex = moe.experts
-        if x.shape[0] == 1:  # one token: visit only its k experts
-            y = None
-            for j, e in enumerate(idx[0].tolist()):
-                h = F.silu(F.linear(x, ex.gate_proj[e])) * F.linear(x, ex.up_proj[e])
-                o = F.linear(h, ex.down_proj[e]) * w[0, j].to(x.dtype)
-                y = o if y is None else y + o
-            return y
-        if gate_up is None:
-            return ex(x, w, idx)
-        N, k = idx.shape
-        flat = idx.reshape(-1)
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
-        token = order // k
-        xs = x.index_select(0, token).split(torch.bincount(flat, minlength=gate_up.shape[0]).tolist())
-        outs = [F.linear(self._swiglu_h(xe, gate_up[e]), ex.down_proj[e]) for e, xe in enumerate(xs) if xe.shape[0]]
-        y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+    def _route(self, x: torch.Tensor, M: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router.forward on the normalised x, with the norm's gain folded into its weight."""
+        c = self.cfg
+        logits = F.linear(x.float(), M["router"])
+        s = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = s + M["bias"] if M["bias"] is not None else s
+        if c.topk_method in ("noaux_tc", "group_limited_greedy") and c.n_group > 1:
+            groups = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)
+            if c.topk_method == "noaux_tc":
+                group_score = groups.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = groups.amax(dim=-1)
+            keep = group_score.topk(c.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(c.num_experts_per_tok, dim=-1).indices
+        w = s.gather(1, idx)
+        if c.norm_topk_prob and c.num_experts_per_tok > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        if c.routed_scaling_factor != 1.0:
+            w = w * c.routed_scaling_factor
+        return w.to(x.dtype), idx
 
     @staticmethod
     def _swiglu_h(x, gate_up):
         g, u = F.linear(x, gate_up).chunk(2, dim=-1)
         return F.silu(g) * u
 
+    def _expert_h(self, x, M, e):
+        if M["gu"] is not None:
+            return self._swiglu_h(x, M["gu"][e])
+        xg = x * M["g2"]  # big models: the gain applied here instead of into a copy
+        return F.silu(F.linear(xg, M["gate"][e])) * F.linear(xg, M["up"][e])
+
+    def _moe(self, x: torch.Tensor, M: dict) -> torch.Tensor:
+        w, idx = self._route(x, M)
+        down = M["down"]
+        if x.shape[0] == 1:  # one token: visit only its k experts
+            y = None
+            for j, e in enumerate(idx[0].tolist()):
+                o = F.linear(self._expert_h(x, M, e), down[e]) * w[0, j]
+                y = o if y is None else y + o
+            return y
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
+        token = order // k
+        xs = x.index_select(0, token).split(torch.bincount(flat, minlength=down.shape[0]).tolist())
+        outs = [F.linear(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
+        y = torch.cat(outs) * w.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + lm_head → fp32 logits (B, V)."""
+        if self.head_t is not None:
+            return torch.mm(self._rms(h), self.head_t).float()
+        m = self.model
+        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), m.lm_head.weight).float()
+
+    # ------------------------------------------------------------------ the step
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, write: torch.Tensor,
                table: torch.Tensor, block_size: int) -> torch.Tensor:
         """ids, pos, write (B,) · kv the cache (L, slots, r+dr) · table (B, nb) block ids
@@ -115,34 +177,49 @@ class FastDecoder:
 
         Latents are gathered a whole block at a time (one index per block, not per token: the
         per-token gather was the costliest op of a batched decode step)."""
-        S = table.shape[1] * block_size
-        mask = torch.arange(S, device=ids.device)[None] <= pos[:, None]
-        flat = table.reshape(-1)
         m, H, r, dr = self.model, self.H, self.r, self.dr
         B = ids.shape[0]
-        cos, sin = m.rotary(pos)  # (B, dr/2)
+        S = table.shape[1] * block_size
+        flat = table.reshape(-1)
+        dt = kv.dtype
+        # rope tables for [evens; odds] and the swapped copy, once for all layers
+        cos, sin = m.rotary(pos)  # (B, dr/2) fp32
+        cos2, sin2 = torch.cat((cos, cos), -1).to(dt), torch.cat((-sin, sin), -1).to(dt)
+        cos_q, sin_q = cos2[:, None], sin2[:, None]
+        neg = torch.where(torch.arange(S, device=ids.device)[None] <= pos[:, None], 0.0, float("-inf"))[:, None]
+        n = flat.shape[0] * block_size * (r + dr)
+        if self._buf is None or self._buf.numel() < n or self._buf.dtype != dt or self._buf.device != kv.device:
+            self._buf = torch.empty(n, dtype=dt, device=kv.device)
+        buf = self._buf[:n].view(flat.shape[0], block_size * (r + dr))
         h = F.embedding(ids, m.embed_tokens.weight)
-        neg = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_fill_(~mask, float("-inf"))[:, None]
         for i, L in enumerate(self.layers):
-            x = self._norm(h, L["ln1"])
-            a, lat = F.linear(x, L["w_in"]).split(L["split"], dim=-1)
-            q = F.linear(self._norm(a, L["q_norm"]), L["wq"]) if L["q_norm"] is not None else a
-            q = q.view(B, H, r + dr)
-            q = torch.cat((q[..., :r], _rope(q[..., r:], cos[:, None], sin[:, None])), dim=-1)
-            new = torch.cat((self._norm(lat[:, :r], L["kv_norm"]), _rope(lat[:, r:], cos, sin)), dim=-1)
-            cache = kv[i]
-            cache.index_copy_(0, write, new.to(cache.dtype))
-            # index_select on whole blocks: ~7x faster than advanced indexing on CPU
-            lat_all = cache.view(-1, block_size * (r + dr)).index_select(0, flat).view(B, S, r + dr)
-            scores = torch.baddbmm(neg, q, lat_all.transpose(1, 2), alpha=L["scale"]) if q.dtype == torch.float32 \
-                else (torch.bmm(q, lat_all.transpose(1, 2)).float() * L["scale"] + neg)
-            p = scores.softmax(-1).to(lat_all.dtype)
-            o = torch.bmm(p, lat_all[..., :r])  # (B, H, r): the softmax-weighted latent
-            h = h + F.linear(o.reshape(B, H * r), L["wo"])
-            x = self._norm(h, L["ln2"])
-            if L["moe"] is not None:
-                y = self._moe(x, L["moe"], L["experts_gu"])
-                h = h + (y + self._swiglu(x, L["gate_up"], L["down"]) if L["gate_up"] is not None else y)
+            parts = F.linear(self._rms(h), L["w_in"]).split(L["split"], dim=-1)
+            if L["wq"] is not None:
+                a, lat, lat_alt = parts
+                q, q_alt = F.linear(self._rms(a), L["wq"]).split(L["q_split"], dim=-1)
             else:
-                h = h + self._swiglu(x, L["gate_up"], L["down"])
+                q, q_alt, lat, lat_alt = parts
+            q = q.view(B, H, r + dr)
+            q[..., r:].mul_(cos_q).addcmul_(q_alt.view(B, H, dr), sin_q)
+            lat[:, r:].mul_(cos2).addcmul_(lat_alt, sin2)
+            lat[:, :r] = F.rms_norm(lat[:, :r].float(), (r,), L["kv_norm"].float(), self.eps).to(dt)
+            cache = kv[i]
+            cache.index_copy_(0, write, lat)
+            # index_select on whole blocks: ~7x faster than advanced indexing on CPU
+            lat_all = torch.index_select(cache.view(-1, block_size * (r + dr)), 0, flat, out=buf).view(B, S, r + dr)
+            if dt == torch.float32:
+                scores = torch.baddbmm(neg, q, lat_all.transpose(1, 2), alpha=L["scale"])
+            else:
+                scores = torch.bmm(q, lat_all.transpose(1, 2)).float() * L["scale"] + neg
+            p = scores.softmax(-1).to(dt)
+            o = torch.bmm(p, lat_all[..., :r])  # (B, H, r): the softmax-weighted latent
+            h = torch.addmm(h, o.view(B, H * r), L["wo"].t())
+            x = self._rms(h)
+            if L["moe"] is not None:
+                y = self._moe(x, L["moe"])
+                if L["gate_up"] is not None:
+                    y = torch.addmm(y, self._swiglu_h(x, L["gate_up"]), L["down"].t())
+                h = h + y
+            else:
+                h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"].t())
         return h
