@@ -55,7 +55,7 @@ class FastDecoder:
         self.layers = []
         for layer in model.layers:
             a = layer.self_attn
-            g1 = layer.input_layernorm.weight.double()
+            g1 = layer.input_layernorm.weight.double() * c.hidden_size ** 0.5
             w_uk, w_uv = (w.double() for w in a._w_uk_uv())  # (H, dn, r), (H, dv, r)
             wq = (a.q_b_proj if hasattr(a, "q_b_proj") else a.q_proj).weight.double().view(H, dn + dr, -1)
             q_abs = torch.einsum("hdr,hdi->hri", w_uk, wq[:, :dn])  # (H, r, in): W_UK^T · W_Q,nope
@@ -66,7 +66,7 @@ class FastDecoder:
             kv_rows = [kv[:r], kv[r:][perm], kv[r:][swap]]  # c_kv | k_pe | swapped k_pe
             if hasattr(a, "q_a_proj"):
                 w_in = torch.cat([a.q_a_proj.weight.double()] + kv_rows) * g1
-                wq_all = torch.cat((q_main, q_alt)) * a.q_a_layernorm.weight.double()
+                wq_all = torch.cat((q_main, q_alt)) * a.q_a_layernorm.weight.double() * c.q_lora_rank ** 0.5
                 split = [a.q_a_proj.weight.shape[0], r + dr, dr]
                 q_split = [H * (r + dr), H * dr]
             else:
@@ -77,12 +77,13 @@ class FastDecoder:
             wo = a.o_proj.weight.double().view(-1, H, dv)
             wo_fold = torch.einsum("dhv,hvr->dhr", wo, w_uv).reshape(wo.shape[0], H * r)
             mlp = layer.mlp
-            g2 = layer.post_attention_layernorm.weight.double()
+            g2 = layer.post_attention_layernorm.weight.double() * c.hidden_size ** 0.5
             moe = mlp if isinstance(mlp, MoE) else None
             ffn = mlp.shared_experts if moe is not None else mlp
             L = dict(w_in=w_in.to(dt), split=split, q_split=q_split,
                      wq=None if wq_all is None else wq_all.to(dt),
-                     kv_norm=a.kv_a_layernorm.weight, wo=wo_fold.to(dt), scale=a.scale,
+                     # the latent's norm: its gain and √r in one multiply with the rope's cos
+                     kv_gain=(a.kv_a_layernorm.weight.double() * r ** 0.5).to(dt), wo=wo_fold.to(dt), scale=a.scale,
                      gate_up=None if ffn is None else
                      (torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight)).double() * g2).to(dt),
                      down=None if ffn is None else ffn.down_proj.weight, moe=None)
@@ -98,20 +99,28 @@ class FastDecoder:
                     gate=None if stack else ex.gate_proj, up=None if stack else ex.up_proj, g2=g2.to(dt),
                     down=ex.down_proj)
             self.layers.append(L)
-        self.norm = model.norm.weight
+        self.norm = (model.norm.weight.double() * c.hidden_size ** 0.5).to(dt)
         w = model.lm_head.weight
         # the final norm's gain folded into a transposed lm_head copy when small: a (1, D)·(D, V)
         # matmul streams contiguous rows, ~2× faster than (1, D)·(V, D)ᵀ on CPU for one token
-        self.head_t = (w.double() * model.norm.weight.double()).t().contiguous().to(w.dtype) \
+        self.head_t = (w.double() * self.norm.double()).t().contiguous().to(w.dtype) \
             if w.numel() * w.element_size() <= _SMALL else None
         self._buf = None  # the gathered latents, reused across steps
 
     # ------------------------------------------------------------------ pieces
+    def _rs(self, x):
+        """1/√(Σx² + d·ε) (B, 1) fp32: RMSNorm's scale with its √d moved into the next weights
+        (one vecdot and two in-place ops; F.rms_norm runs ~7 ops)."""
+        xf = x.float()
+        return torch.linalg.vecdot(xf, xf)[:, None].add_(x.shape[-1] * self.eps).rsqrt_()
+
     def _rms(self, x):
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        """RMSNorm without its gain, times √d (both folded into the weights that read it)."""
+        return (x.float() * self._rs(x)).to(x.dtype)
 
     def _route(self, x: torch.Tensor, M: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router.forward on the normalised x, with the norm's gain folded into its weight."""
+        """Router.forward on the normalised x (its gain folded into the router's weight)
+        → unbiased scores s (N, E) fp32 and the chosen experts (N, k)."""
         c = self.cfg
         logits = F.linear(x.float(), M["router"])
         s = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
@@ -125,13 +134,7 @@ class FastDecoder:
             keep = group_score.topk(c.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
             choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        idx = choice.topk(c.num_experts_per_tok, dim=-1).indices
-        w = s.gather(1, idx)
-        if c.norm_topk_prob and c.num_experts_per_tok > 1:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        if c.routed_scaling_factor != 1.0:
-            w = w * c.routed_scaling_factor
-        return w.to(x.dtype), idx
+        return s, choice.topk(c.num_experts_per_tok, dim=-1).indices
 
     @staticmethod
     def _swiglu_h(x, gate_up):
@@ -144,30 +147,43 @@ class FastDecoder:
         xg = x * M["g2"]  # big models: the gain applied here instead of into a copy
         return F.silu(F.linear(xg, M["gate"][e])) * F.linear(xg, M["up"][e])
 
-    def _moe(self, x: torch.Tensor, M: dict) -> torch.Tensor:
-        w, idx = self._route(x, M)
+    def _moe(self, h: torch.Tensor, x: torch.Tensor, L: dict) -> torch.Tensor:
+        """h + shared expert(x) + Σ_k g_k · expert_k(x), accumulated in place by addmm/index_add_."""
+        c, M = self.cfg, L["moe"]
+        s, idx = self._route(x, M)
         down = M["down"]
-        if x.shape[0] == 1:  # one token: visit only its k experts
-            y = None
-            for j, e in enumerate(idx[0].tolist()):
-                o = F.linear(self._expert_h(x, M, e), down[e]) * w[0, j]
-                y = o if y is None else y + o
-            return y
+        if L["gate_up"] is not None:
+            h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"].t())
+        norm = c.norm_topk_prob and c.num_experts_per_tok > 1
+        if x.shape[0] == 1:  # one token: visit only its k experts; gates as Python floats (addmm's alpha)
+            es = idx[0].tolist()
+            s0 = s[0].tolist()
+            g = [s0[e] for e in es]
+            k = c.routed_scaling_factor / (sum(g) + 1e-20) if norm else c.routed_scaling_factor
+            for e, ge in zip(es, g):
+                h = torch.addmm(h, self._expert_h(x, M, e), down[e].t(), alpha=ge * k)
+            return h
+        w = s.gather(1, idx)
+        if norm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        if c.routed_scaling_factor != 1.0:
+            w = w * c.routed_scaling_factor
         N, k = idx.shape
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
         token = order // k
         xs = x.index_select(0, token).split(torch.bincount(flat, minlength=down.shape[0]).tolist())
         outs = [F.linear(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
-        y = torch.cat(outs) * w.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token, y)
+        y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)
+        if L["gate_up"] is None:
+            h = h.clone()  # index_add_ below must not write into the caller's tensor
+        return h.index_add_(0, token, y)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head → fp32 logits (B, V)."""
         if self.head_t is not None:
             return torch.mm(self._rms(h), self.head_t).float()
-        m = self.model
-        return F.linear(F.rms_norm(h, (h.shape[-1],), self.norm, self.eps), m.lm_head.weight).float()
+        return F.linear(self._rms(h) * self.norm, self.model.lm_head.weight).float()
 
     # ------------------------------------------------------------------ the step
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, write: torch.Tensor,
@@ -201,8 +217,10 @@ class FastDecoder:
                 q, q_alt, lat, lat_alt = parts
             q = q.view(B, H, r + dr)
             q[..., r:].mul_(cos_q).addcmul_(q_alt.view(B, H, dr), sin_q)
-            lat[:, r:].mul_(cos2).addcmul_(lat_alt, sin2)
-            lat[:, :r] = F.rms_norm(lat[:, :r].float(), (r,), L["kv_norm"].float(), self.eps).to(dt)
+            # [c_kv ; k_pe] ← [c_kv·rs·gain ; k_pe·cos + swap(k_pe)·sin]
+            rs = self._rs(lat[:, :r]).to(dt)
+            lat.mul_(torch.cat((L["kv_gain"] * rs, cos2), -1))
+            lat[:, r:].addcmul_(lat_alt, sin2)
             cache = kv[i]
             cache.index_copy_(0, write, lat)
             # index_select on whole blocks: ~7x faster than advanced indexing on CPU
@@ -216,10 +234,7 @@ class FastDecoder:
             h = torch.addmm(h, o.view(B, H * r), L["wo"].t())
             x = self._rms(h)
             if L["moe"] is not None:
-                y = self._moe(x, L["moe"])
-                if L["gate_up"] is not None:
-                    y = torch.addmm(y, self._swiglu_h(x, L["gate_up"]), L["down"].t())
-                h = h + y
+                h = self._moe(h, x, L)
             else:
                 h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"].t())
         return h
