@@ -122,7 +122,7 @@ def test_blocked_causal_attention_matches_sdpa(T):
     q, k = (torch.randn(2, 3, T, 24, generator=g, dtype=torch.float64, requires_grad=True) for _ in "qk")
     v = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
     d_out = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64)
-    ours = CausalAttention.apply(q * 0.3, k, v, 32)
+    ours = CausalAttention.apply(q, k, v, 0.3, 32)
     grads = torch.autograd.grad(ours, (q, k, v), d_out)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
     for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), d_out)):

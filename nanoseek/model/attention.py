@@ -24,19 +24,28 @@ from .layers import RMSNorm
 from .rope import apply_rope
 
 
+def stacked_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
+    """The nn.Linear `layers` applied to the same x as one matmul; outputs concatenated."""
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.cat([layer.weight.new_zeros(layer.out_features) if layer.bias is None else layer.bias
+                          for layer in layers])
+    return F.linear(x, torch.cat([layer.weight for layer in layers]), bias)
+
+
 class CausalAttention(torch.autograd.Function):
-    """softmax(q·kᵀ + causal mask)·v for pre-scaled q, k (B, H, T, d_qk) and v (B, H, T, d_v).
+    """softmax(q·kᵀ·scale + causal mask)·v for q, k (B, H, T, d_qk) and v (B, H, T, d_v).
 
     Queries go in blocks of `block` rows, each scored only against the keys up to its own last
     row, so the all-masked upper-right of the T×T score matrix is never computed (5/8 of the
     square is, at T = 4·block). The probabilities P are kept for backward, which is the textbook
-    one: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O)), dQ = dS·K, dK = dSᵀ·Q.
+    one: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O))·scale, dQ = dS·K, dK = dSᵀ·Q.
     Written out because MLA's d_qk ≠ d_v keeps PyTorch's CPU SDPA on its unfused math path,
     which scores, masks and differentiates the whole square.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, block: int = 64):
+    def forward(ctx, q, k, v, scale: float, block: int = 64):
         B, H, T, _ = q.shape
         q, k, v = (t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v))
         out, probs = q.new_empty(B * H, T, v.shape[-1]), []
@@ -44,11 +53,11 @@ class CausalAttention(torch.autograd.Function):
             j = min(i + block, T)  # queries i..j-1 see keys 0..j-1
             future = torch.ones(j - i, j, dtype=torch.bool, device=q.device).triu(i + 1)
             mask = torch.zeros(j - i, j, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
-            p = torch.baddbmm(mask, q[:, i:j], k[:, :j].transpose(1, 2)).softmax(dim=-1)
+            p = torch.baddbmm(mask, q[:, i:j], k[:, :j].transpose(1, 2), alpha=scale).softmax(dim=-1)
             torch.bmm(p, v[:, :j], out=out[:, i:j])
             probs.append(p)
         ctx.save_for_backward(q, k, v, out, *probs)
-        ctx.block = block
+        ctx.scale, ctx.block = scale, block
         return out.view(B, H, T, -1)
 
     @staticmethod
@@ -60,12 +69,13 @@ class CausalAttention(torch.autograd.Function):
         rowsum = (d_out * out).sum(-1, keepdim=True)
         for i, p in zip(range(0, q.shape[1], ctx.block), probs):
             j = i + p.shape[1]
-            dv[:, :j].baddbmm_(p.transpose(1, 2), d_out[:, i:j])
+            dv[:, :j] += torch.bmm(p.transpose(1, 2), d_out[:, i:j])  # (into a slice, bmm would go batch by batch)
             ds = torch.baddbmm(rowsum[:, i:j], d_out[:, i:j], v[:, :j].transpose(1, 2), beta=-1).mul_(p)
             torch.bmm(ds, k[:, :j], out=dq[:, i:j])
-            dk[:, :j].baddbmm_(ds.transpose(1, 2), q[:, i:j])
+            dk[:, :j].add_(torch.bmm(ds.transpose(1, 2), q[:, i:j]), alpha=ctx.scale)
+        dq *= ctx.scale
         return (dq.view(*shape, *dq.shape[1:]), dk.view(*shape, *dk.shape[1:]),
-                dv.view(*shape, *dv.shape[1:]), None)
+                dv.view(*shape, *dv.shape[1:]), None, None)
 
 
 class MLA(nn.Module):
@@ -91,24 +101,23 @@ class MLA(nn.Module):
         self.scale = cfg.softmax_scale()
 
     # ------------------------------------------------------------------ projections
-    def queries(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) → q_nope (B, H, T, dn), rotated q_pe (B, H, T, dr)."""
+    def projections(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, ...]:
+        """x (B, T, D) → q_nope (B, H, T, dn), rotated q_pe (B, H, T, dr), normalised latent
+        c_kv (B, T, r) and rotated shared key k_pe (B, T, dr); the last two are all the cache stores.
+
+        The query's first projection (W_DQ, or W_Q without q_lora) and [W_DKV; W_KR] both read x,
+        so they run as one matmul over their stacked weights: one wide GEMM each way instead of
+        two thin ones (the thin ones are the slowest matmuls of a training step on CPU).
+        """
         B, T, _ = x.shape
-        if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        first = self.q_a_proj if hasattr(self, "q_a_proj") else self.q_proj
+        q, c_kv, k_pe = stacked_linear(x, first, self.kv_a_proj_with_mqa).split(
+            [first.out_features, self.rank, self.dr], dim=-1)
+        if hasattr(self, "q_a_proj"):  # c_q → q (eq. 13)
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, self.n_heads, self.dn + self.dr).transpose(1, 2)
         q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
-        return q_nope, apply_rope(q_pe, cos, sin)
-
-    def latents(self, x: torch.Tensor, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T, D) → normalised latent c_kv (B, T, r) and rotated shared key k_pe (B, T, dr).
-
-        These two are everything the cache stores for a token.
-        """
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.dr], dim=-1)
-        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+        return q_nope, apply_rope(q_pe, cos, sin), self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.n_heads, self.dn + self.dv, self.rank)
@@ -123,7 +132,7 @@ class MLA(nn.Module):
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.dr)), dim=-1)
         if mask is None:
-            out = CausalAttention.apply(q * self.scale, k, v)
+            out = CausalAttention.apply(q, k, v, self.scale)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.dv)
@@ -156,8 +165,7 @@ class MLA(nn.Module):
         With a cache: the new latents are appended through `cache.update(layer_idx, c_kv, k_pe)`,
         which returns all S cached latents of these sequences; attention is absorbed by default.
         """
-        q_nope, q_pe = self.queries(x, cos, sin)
-        c_kv, k_pe = self.latents(x, cos, sin)
+        q_nope, q_pe, c_kv, k_pe = self.projections(x, cos, sin)
         if cache is not None:
             c_kv, k_pe = cache.update(self.layer_idx, c_kv, k_pe)
             absorb = True if absorb is None else absorb
