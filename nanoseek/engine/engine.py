@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from .detok import Detokenizer, token_bytes_table
-from .fast import FastDecoder
+from .fast import AttnGroup, FastDecoder
 from .kv_cache import BlockManager, PagedLatentCache, StepCache
 from .sampling import SamplerState, SamplingParams, TokenLogprob, sample
 from .scheduler import Request, Scheduler
@@ -248,10 +248,18 @@ class Engine:
             events.append(self._finish(r, "length", r.detok.flush()))
         rows: list[torch.Tensor] = []
         ready: list[Request] = []
-        if batch.decode:
+        groups = self._pad_groups(batch.prefill)
+        if self._fast is not None:  # decode rows and (small enough) prefill chunks in one forward
+            fast = [g for g in groups if self._fast_fits(g)]
+            groups = [g for g in groups if not self._fast_fits(g)]
+            if batch.decode or fast:
+                h, got = self._fast_forward(batch.decode, fast)
+                rows.append(h)
+                ready += got
+        elif batch.decode:
             rows.append(self._forward(batch.decode, [1] * len(batch.decode), absorb=True))
             ready += batch.decode
-        for group in self._pad_groups(batch.prefill):
+        for group in groups:
             reqs = [r for r, _ in group]
             done = [r.remaining == n for r, n in group]  # chunk reaches the end of the prompt: sample
             h = self._forward(reqs, [n for _, n in group], absorb=False)
@@ -304,6 +312,44 @@ class Engine:
                 total = n
         return groups
 
+    def _fast_fits(self, group: list[tuple[Request, int]]) -> bool:
+        """Whether a prefill group's padded (B, T·H, S) attention scores are small enough for the
+        fast (absorbed, unblocked) path; longer prompts take the model's own expanded path."""
+        T = max(n for _, n in group)
+        S = max(r.num_computed + n for r, n in group)
+        return len(group) * T * S * self.config.num_attention_heads <= 1 << 24
+
+    def _fast_forward(self, decode: list[Request], groups: list[list[tuple[Request, int]]]
+                      ) -> tuple[torch.Tensor, list[Request]]:
+        """One FastDecoder forward over every decode row (one token each) and prefill chunk,
+        flattened to their real tokens → (hidden states of the rows to sample, their requests)."""
+        dev, bs = self.device, self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        write: list[int] = []
+        attn: list[AttnGroup] = []
+        pick: list[int] = []
+        ready: list[Request] = []
+        for chunks in ([[(r, 1) for r in decode]] if decode else []) + groups:
+            lens = [n for _, n in chunks]
+            starts = [r.num_computed for r, _ in chunks]
+            nb = -(-max(s + n for s, n in zip(starts, lens)) // bs)
+            table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r, _ in chunks], device=dev)
+            attn.append(AttnGroup(len(ids), lens, starts, table))
+            for (r, n), s in zip(chunks, starts):
+                blk = r.blocks
+                ids += r.all_ids[s:s + n]
+                pos += range(s, s + n)
+                write += [blk[p // bs] * bs + p % bs for p in range(s, s + n)]
+                if r.remaining == n:  # the chunk reaches the end of what is known: sample after it
+                    pick.append(len(ids) - 1)
+                    ready.append(r)
+        h = self._fast.hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache.kv,
+                              torch.tensor(write, device=dev), attn, bs)
+        if len(pick) < len(ids):
+            h = h.index_select(0, torch.tensor(pick, dtype=torch.long, device=dev))
+        return h, ready
+
     def _forward(self, reqs: list[Request], lens: list[int], absorb: bool) -> torch.Tensor:
         """One batched forward of `lens[i]` new tokens for each request → each row's last hidden state."""
         dev, bs = self.device, self.block_size
@@ -312,11 +358,6 @@ class Engine:
         S = max(s + n for s, n in zip(starts, lens))
         nb = -(-S // bs)
         table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r in reqs], device=dev)
-        if T == 1 and self._fast is not None:
-            start = torch.tensor(starts, device=dev)
-            ids = torch.tensor([r.all_ids[s] for r, s in zip(reqs, starts)], device=dev)
-            write = table.gather(1, (start // bs)[:, None])[:, 0] * bs + start % bs
-            return self._fast.hidden(ids, start, self.cache.kv, write, table, bs)
         slots = (table[:, :, None] * bs + self._arange_bs).view(B, -1)[:, :S]  # (B, S): where each position lives
         start = torch.tensor(starts, device=dev)[:, None]
         if T == 1:

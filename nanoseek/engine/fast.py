@@ -187,26 +187,26 @@ class FastDecoder:
 
     # ------------------------------------------------------------------ the step
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, write: torch.Tensor,
-               table: torch.Tensor, block_size: int) -> torch.Tensor:
-        """ids, pos, write (B,) · kv the cache (L, slots, r+dr) · table (B, nb) block ids
-        → final hidden states (B, D), before the last norm.
+               groups: list[AttnGroup], block_size: int) -> torch.Tensor:
+        """Flat tokens — ids, pos, write slots (N,) — through every layer → hidden states (N, D),
+        before the last norm. kv is the cache (L, slots, r+dr).
 
-        Latents are gathered a whole block at a time (one index per block, not per token: the
-        per-token gather was the costliest op of a batched decode step)."""
+        Everything but attention runs on the N real tokens (no padding). Attention runs per group
+        of rows (`AttnGroup`): each row's queries score, in latent space, every latent of its
+        sequence, gathered from the paged cache a whole block at a time (one index per block:
+        the per-token gather was the costliest op of a batched decode step)."""
         m, H, r, dr = self.model, self.H, self.r, self.dr
-        B = ids.shape[0]
-        S = table.shape[1] * block_size
-        flat = table.reshape(-1)
+        N = ids.shape[0]
         dt = kv.dtype
         # rope tables for [evens; odds] and the swapped copy, once for all layers
-        cos, sin = m.rotary(pos)  # (B, dr/2) fp32
+        cos, sin = m.rotary(pos)  # (N, dr/2) fp32
         cos2, sin2 = torch.cat((cos, cos), -1).to(dt), torch.cat((-sin, sin), -1).to(dt)
         cos_q, sin_q = cos2[:, None], sin2[:, None]
-        neg = torch.where(torch.arange(S, device=ids.device)[None] <= pos[:, None], 0.0, float("-inf"))[:, None]
-        n = flat.shape[0] * block_size * (r + dr)
+        n = max(g.table.numel() for g in groups) * block_size * (r + dr)
         if self._buf is None or self._buf.numel() < n or self._buf.dtype != dt or self._buf.device != kv.device:
             self._buf = torch.empty(n, dtype=dt, device=kv.device)
-        buf = self._buf[:n].view(flat.shape[0], block_size * (r + dr))
+        for g in groups:
+            g.prepare(self._buf, block_size, r + dr, H, r)
         h = F.embedding(ids, m.embed_tokens.weight)
         for i, L in enumerate(self.layers):
             parts = F.linear(self._rms(h), L["w_in"]).split(L["split"], dim=-1)
@@ -215,26 +215,71 @@ class FastDecoder:
                 q, q_alt = F.linear(self._rms(a), L["wq"]).split(L["q_split"], dim=-1)
             else:
                 q, q_alt, lat, lat_alt = parts
-            q = q.view(B, H, r + dr)
-            q[..., r:].mul_(cos_q).addcmul_(q_alt.view(B, H, dr), sin_q)
+            q = q.view(N, H, r + dr)
+            q[..., r:].mul_(cos_q).addcmul_(q_alt.view(N, H, dr), sin_q)
             # [c_kv ; k_pe] ← [c_kv·rs·gain ; k_pe·cos + swap(k_pe)·sin]
             rs = self._rs(lat[:, :r]).to(dt)
             lat.mul_(torch.cat((L["kv_gain"] * rs, cos2), -1))
             lat[:, r:].addcmul_(lat_alt, sin2)
             cache = kv[i]
             cache.index_copy_(0, write, lat)
-            # index_select on whole blocks: ~7x faster than advanced indexing on CPU
-            lat_all = torch.index_select(cache.view(-1, block_size * (r + dr)), 0, flat, out=buf).view(B, S, r + dr)
-            if dt == torch.float32:
-                scores = torch.baddbmm(neg, q, lat_all.transpose(1, 2), alpha=L["scale"])
+            blocks = cache.view(-1, block_size * (r + dr))
+            if len(groups) == 1:
+                o = groups[0].attend(q, blocks, L["scale"])
             else:
-                scores = torch.bmm(q, lat_all.transpose(1, 2)).float() * L["scale"] + neg
-            p = scores.softmax(-1).to(dt)
-            o = torch.bmm(p, lat_all[..., :r])  # (B, H, r): the softmax-weighted latent
-            h = torch.addmm(h, o.view(B, H * r), L["wo"].t())
+                o = q.new_empty(N, H * r)
+                for g in groups:
+                    o[g.t0:g.t1] = g.attend(q[g.t0:g.t1], blocks, L["scale"])
+            h = torch.addmm(h, o, L["wo"].t())
             x = self._rms(h)
             if L["moe"] is not None:
                 h = self._moe(h, x, L)
             else:
                 h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"].t())
         return h
+
+
+class AttnGroup:
+    """Rows that attend together: tokens t0:t1 of the flat batch, `lens[i]` new tokens for row i
+    at positions starts[i]…, over the blocks `table` (Bg, nb). Rows are padded to T = max(lens)
+    only here; T = 1 (decode) needs no padding at all."""
+
+    def __init__(self, t0: int, lens: list[int], starts: list[int], table: torch.Tensor):
+        self.t0, self.t1 = t0, t0 + sum(lens)
+        self.B, self.T = len(lens), max(lens)
+        self.lens, self.starts, self.table = lens, starts, table
+
+    def prepare(self, buf: torch.Tensor, block_size: int, width: int, H: int, r: int) -> None:
+        dev = self.table.device
+        self.r = r
+        B, T = self.B, self.T
+        self.S = S = self.table.shape[1] * block_size
+        self.flat = self.table.reshape(-1)
+        self.buf = buf[:self.flat.shape[0] * block_size * width].view(self.flat.shape[0], block_size * width)
+        cols = torch.arange(S, device=dev)
+        if T == 1:
+            self.dst = None
+            last = torch.tensor(self.starts, device=dev)
+            self.neg = torch.where(cols <= last[:, None], 0.0, float("-inf"))[:, None]  # (B, 1, S)
+            return
+        # padded slot of each real token, and every padded query's last visible column (padding
+        # sees all columns: its output is dropped, it just must not be an all −inf row)
+        self.dst = torch.tensor([i * T + t for i, n in enumerate(self.lens) for t in range(n)], device=dev)
+        last = torch.tensor([[s + t if t < n else S for t in range(T)] for s, n in zip(self.starts, self.lens)],
+                            device=dev)
+        neg = torch.where(cols <= last[..., None], 0.0, float("-inf"))  # (B, T, S)
+        self.neg = neg[:, :, None].expand(B, T, H, S).reshape(B, T * H, S)
+
+    def attend(self, q: torch.Tensor, blocks: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (n, H, r+dr) of this group's tokens, the cache layer as blocks (num_blocks, bs·(r+dr))
+        → the softmax-weighted latents (n, H·r)."""
+        B, T, S, r = self.B, self.T, self.S, self.r
+        n, H, w = q.shape
+        lat = torch.index_select(blocks, 0, self.flat, out=self.buf).view(B, S, w)
+        qg = q if self.dst is None else q.new_zeros(B * T, H, w).index_copy_(0, self.dst, q).view(B, T * H, w)
+        if q.dtype == torch.float32:
+            scores = torch.baddbmm(self.neg, qg, lat.transpose(1, 2), alpha=scale)
+        else:
+            scores = torch.bmm(qg, lat.transpose(1, 2)).float() * scale + self.neg
+        o = torch.bmm(scores.softmax(-1).to(q.dtype), lat[..., :r]).view(B * T, H * r)
+        return o if self.dst is None else o.index_select(0, self.dst)
