@@ -32,6 +32,10 @@ from ..model.moe import MoE
 _SMALL = 64 * 2**20  # bytes: extra copies of weights (stacked experts, lm_head) only below this
 
 
+def _t(w: torch.Tensor, dtype) -> torch.Tensor:
+    return w.t().contiguous().to(dtype)
+
+
 class FastDecoder:
     """Pre-folded weights of a DeepSeekV3 for T = 1 decoding over the paged latent cache."""
 
@@ -80,24 +84,30 @@ class FastDecoder:
             g2 = layer.post_attention_layernorm.weight.double() * c.hidden_size ** 0.5
             moe = mlp if isinstance(mlp, MoE) else None
             ffn = mlp.shared_experts if moe is not None else mlp
-            L = dict(w_in=w_in.to(dt), split=split, q_split=q_split,
-                     wq=None if wq_all is None else wq_all.to(dt),
+            # every matrix stored transposed, (in, out) contiguous: torch.mm/addmm on it is one op
+            # (F.linear is four: linear → t → matmul → mm), and for one token the (1, in)·(in, out)
+            # product streams whole rows
+            L = dict(w_in=_t(w_in, dt), split=split, q_split=q_split,
+                     wq=None if wq_all is None else _t(wq_all, dt),
                      # the latent's norm: its gain and √r in one multiply with the rope's cos
-                     kv_gain=(a.kv_a_layernorm.weight.double() * r ** 0.5).to(dt), wo=wo_fold.to(dt), scale=a.scale,
-                     gate_up=None if ffn is None else
-                     (torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight)).double() * g2).to(dt),
-                     down=None if ffn is None else ffn.down_proj.weight, moe=None)
+                     kv_gain=(a.kv_a_layernorm.weight.double() * r ** 0.5).to(dt), wo=_t(wo_fold, dt), scale=a.scale,
+                     gate_up=None if ffn is None else _t(torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight)).double()
+                                                         * g2, dt),
+                     down=None if ffn is None else ffn.down_proj.weight.t(), moe=None)
             if moe is not None:
                 ex = moe.experts
                 # experts' gate and up stacked (one matmul per expert), the norm's gain folded in:
-                # a copy, so only when it is small (laptop-sized models)
-                stack = ex.gate_proj.numel() * 2 * ex.gate_proj.element_size() <= _SMALL
+                # a copy, so only when it is small (laptop-sized models); otherwise views
+                small = ex.gate_proj.numel() * 3 * ex.gate_proj.element_size() <= _SMALL
+                E = ex.gate_proj.shape[0]
                 L["moe"] = dict(
-                    router=(moe.gate.weight.double() * g2).float(),
+                    router=_t(moe.gate.weight.double() * g2, torch.float32),
                     bias=getattr(moe.gate, "e_score_correction_bias", None),
-                    gu=(torch.cat((ex.gate_proj, ex.up_proj), dim=1).double() * g2).to(dt) if stack else None,
-                    gate=None if stack else ex.gate_proj, up=None if stack else ex.up_proj, g2=g2.to(dt),
-                    down=ex.down_proj)
+                    gu=[_t(torch.cat((ex.gate_proj[e], ex.up_proj[e])).double() * g2, dt) for e in range(E)]
+                    if small else None,
+                    gate=None if small else [ex.gate_proj[e].t() for e in range(E)],
+                    up=None if small else [ex.up_proj[e].t() for e in range(E)], g2=g2.to(dt),
+                    down=[_t(ex.down_proj[e], dt) if small else ex.down_proj[e].t() for e in range(E)])
             self.layers.append(L)
         self.norm = (model.norm.weight.double() * c.hidden_size ** 0.5).to(dt)
         w = model.lm_head.weight
@@ -122,7 +132,7 @@ class FastDecoder:
         """Router.forward on the normalised x (its gain folded into the router's weight)
         → unbiased scores s (N, E) fp32 and the chosen experts (N, k)."""
         c = self.cfg
-        logits = F.linear(x.float(), M["router"])
+        logits = torch.mm(x.float(), M["router"])
         s = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = s + M["bias"] if M["bias"] is not None else s
         if c.topk_method in ("noaux_tc", "group_limited_greedy") and c.n_group > 1:
@@ -138,14 +148,14 @@ class FastDecoder:
 
     @staticmethod
     def _swiglu_h(x, gate_up):
-        g, u = F.linear(x, gate_up).chunk(2, dim=-1)
+        g, u = torch.mm(x, gate_up).chunk(2, dim=-1)
         return F.silu(g) * u
 
     def _expert_h(self, x, M, e):
         if M["gu"] is not None:
             return self._swiglu_h(x, M["gu"][e])
         xg = x * M["g2"]  # big models: the gain applied here instead of into a copy
-        return F.silu(F.linear(xg, M["gate"][e])) * F.linear(xg, M["up"][e])
+        return F.silu(torch.mm(xg, M["gate"][e])) * torch.mm(xg, M["up"][e])
 
     def _moe(self, h: torch.Tensor, x: torch.Tensor, L: dict) -> torch.Tensor:
         """h + shared expert(x) + Σ_k g_k · expert_k(x), accumulated in place by addmm/index_add_."""
@@ -153,7 +163,7 @@ class FastDecoder:
         s, idx = self._route(x, M)
         down = M["down"]
         if L["gate_up"] is not None:
-            h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"].t())
+            h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
         norm = c.norm_topk_prob and c.num_experts_per_tok > 1
         if x.shape[0] == 1:  # one token: visit only its k experts; gates as Python floats (addmm's alpha)
             es = idx[0].tolist()
@@ -161,7 +171,7 @@ class FastDecoder:
             g = [s0[e] for e in es]
             k = c.routed_scaling_factor / (sum(g) + 1e-20) if norm else c.routed_scaling_factor
             for e, ge in zip(es, g):
-                h = torch.addmm(h, self._expert_h(x, M, e), down[e].t(), alpha=ge * k)
+                h = torch.addmm(h, self._expert_h(x, M, e), down[e], alpha=ge * k)
             return h
         w = s.gather(1, idx)
         if norm:
@@ -172,8 +182,8 @@ class FastDecoder:
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
         token = order // k
-        xs = x.index_select(0, token).split(torch.bincount(flat, minlength=down.shape[0]).tolist())
-        outs = [F.linear(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
+        xs = x.index_select(0, token).split(torch.bincount(flat, minlength=len(down)).tolist())
+        outs = [torch.mm(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
         y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)
         if L["gate_up"] is None:
             h = h.clone()  # index_add_ below must not write into the caller's tensor
@@ -209,10 +219,10 @@ class FastDecoder:
             g.prepare(self._buf, block_size, r + dr, H, r)
         h = F.embedding(ids, m.embed_tokens.weight)
         for i, L in enumerate(self.layers):
-            parts = F.linear(self._rms(h), L["w_in"]).split(L["split"], dim=-1)
+            parts = torch.mm(self._rms(h), L["w_in"]).split(L["split"], dim=-1)
             if L["wq"] is not None:
                 a, lat, lat_alt = parts
-                q, q_alt = F.linear(self._rms(a), L["wq"]).split(L["q_split"], dim=-1)
+                q, q_alt = torch.mm(self._rms(a), L["wq"]).split(L["q_split"], dim=-1)
             else:
                 q, q_alt, lat, lat_alt = parts
             q = q.view(N, H, r + dr)
@@ -230,12 +240,12 @@ class FastDecoder:
                 o = q.new_empty(N, H * r)
                 for g in groups:
                     o[g.t0:g.t1] = g.attend(q[g.t0:g.t1], blocks, L["scale"])
-            h = torch.addmm(h, o, L["wo"].t())
+            h = torch.addmm(h, o, L["wo"])
             x = self._rms(h)
             if L["moe"] is not None:
                 h = self._moe(h, x, L)
             else:
-                h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"].t())
+                h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
         return h
 
 
