@@ -75,14 +75,14 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # the N·k (token, slot) pairs, grouped by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
-        xs = x[token].split(counts)
-        outs = []
-        for e, xe in enumerate(xs):
+        xs, ws, tokens = x[token].split(counts), w.flatten()[order, None].to(x.dtype).split(counts), token.split(counts)
+        out = torch.zeros_like(x)
+        for e, (xe, we, te) in enumerate(zip(xs, ws, tokens)):
             if xe.shape[0]:
                 h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-                outs.append(h @ self.down_proj[e].t())
-        y = torch.cat(outs) * w.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, y)
+                # g_i scales the (narrower) hidden state, then each row lands on its token
+                out.index_add_(0, te, (h * we) @ self.down_proj[e].t())
+        return out
 
 
 class MoE(nn.Module):
