@@ -66,11 +66,15 @@ class RotaryEmbedding(nn.Module):
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs of x (..., T, d) by the per-position angles; x is (B, H, T, d) or (B, T, d).
 
-    The rotated pairs are written as [evens; odds] (transformers' `rope_interleave` layout). Queries
-    and keys get the same permutation, so q·k is exactly the pairwise RoPE score.
+    Each pair (x_{2i}, x_{2i+1}) is the complex number x_{2i} + i·x_{2i+1}, so the rotation is one
+    complex multiply by cos + i·sin. The rotated pairs are written as [evens; odds] (transformers'
+    `rope_interleave` layout). Queries and keys get the same permutation, so q·k is exactly the
+    pairwise RoPE score.
     """
     if x.dim() == 4:  # (B, H, T, d): broadcast the tables over heads
         cos, sin = cos[:, None], sin[:, None]
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if pairs.stride(-1) != 1 or any(st % 2 for st in pairs.stride()[:-1]) or pairs.storage_offset() % 2:
+        pairs = pairs.contiguous()  # view_as_complex needs (re, im) adjacent and aligned
+    rotated = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin))
+    return rotated.transpose(-1, -2).flatten(-2).to(x.dtype)
