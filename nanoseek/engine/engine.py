@@ -117,6 +117,8 @@ class Engine:
         self._aborted: list[StreamEvent] = []
         self._arange_bs = torch.arange(block_size, device=self.device)
         self._fast = FastDecoder(model) if FastDecoder.supports(model) else None
+        self.decode_waste = 1.5  # decode rows share one attention call while padding ≤ 50%
+        self.prefill_waste = 1.25  # prefill chunks share one forward while padding ≤ 25%
 
     # ------------------------------------------------------------------ state
     @property
@@ -248,7 +250,7 @@ class Engine:
             events.append(self._finish(r, "length", r.detok.flush()))
         rows: list[torch.Tensor] = []
         ready: list[Request] = []
-        groups = self._pad_groups(batch.prefill)
+        groups = self._pad_groups(batch.prefill, self.prefill_waste)
         if self._fast is not None:  # decode rows and (small enough) prefill chunks in one forward
             fast = [g for g in groups if self._fast_fits(g)]
             groups = [g for g in groups if not self._fast_fits(g)]
@@ -298,17 +300,19 @@ class Engine:
         return self._finish(r, reason, delta + r.detok.flush(), [tok], lps)
 
     @staticmethod
-    def _pad_groups(chunks: list[tuple[Request, int]], waste: float = 1.25) -> list[list[tuple[Request, int]]]:
-        """Split prefill chunks into forwards of similar lengths, so padding costs at most ~25%
-        more rows than the real tokens (one forward each: a little overhead, far less padding)."""
-        groups: list[list[tuple[Request, int]]] = []
+    def _pad_groups(chunks: list, waste: float = 1.25, length=lambda c: c[1]) -> list[list]:
+        """Split prefill chunks (or decode rows, by cache length) into groups of similar lengths,
+        so padding costs at most ~25% more than the real work (one forward or attention call
+        each: a little overhead, far less padding)."""
+        groups: list[list] = []
         total = 0
-        for r, n in sorted(chunks, key=lambda c: c[1]):
+        for c in sorted(chunks, key=length):
+            n = length(c)
             if groups and (len(groups[-1]) + 1) * n <= waste * (total + n):
-                groups[-1].append((r, n))
+                groups[-1].append(c)
                 total += n
             else:
-                groups.append([(r, n)])
+                groups.append([c])
                 total = n
         return groups
 
@@ -330,7 +334,9 @@ class Engine:
         attn: list[AttnGroup] = []
         pick: list[int] = []
         ready: list[Request] = []
-        for chunks in ([[(r, 1) for r in decode]] if decode else []) + groups:
+        # decode rows attend in groups of similar cache length (padding is wasted gather + matmul)
+        rows = self._pad_groups(decode, self.decode_waste, lambda r: r.num_computed)
+        for chunks in [[(r, 1) for r in g] for g in rows] + groups:
             lens = [n for _, n in chunks]
             starts = [r.num_computed for r, _ in chunks]
             nb = -(-max(s + n for s, n in zip(starts, lens)) // bs)

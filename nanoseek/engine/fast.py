@@ -239,7 +239,7 @@ class FastDecoder:
             else:
                 o = q.new_empty(N, H * r)
                 for g in groups:
-                    o[g.t0:g.t1] = g.attend(q[g.t0:g.t1], blocks, L["scale"])
+                    g.attend(q[g.t0:g.t1], blocks, L["scale"], out=o[g.t0:g.t1])
             h = torch.addmm(h, o, L["wo"])
             x = self._rms(h)
             if L["moe"] is not None:
@@ -280,7 +280,8 @@ class AttnGroup:
         neg = torch.where(cols <= last[..., None], 0.0, float("-inf"))  # (B, T, S)
         self.neg = neg[:, :, None].expand(B, T, H, S).reshape(B, T * H, S)
 
-    def attend(self, q: torch.Tensor, blocks: torch.Tensor, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, blocks: torch.Tensor, scale: float, out: torch.Tensor | None = None
+               ) -> torch.Tensor:
         """q (n, H, r+dr) of this group's tokens, the cache layer as blocks (num_blocks, bs·(r+dr))
         → the softmax-weighted latents (n, H·r)."""
         B, T, S, r = self.B, self.T, self.S, self.r
@@ -291,5 +292,10 @@ class AttnGroup:
             scores = torch.baddbmm(self.neg, qg, lat.transpose(1, 2), alpha=scale)
         else:
             scores = torch.bmm(qg, lat.transpose(1, 2)).float() * scale + self.neg
-        o = torch.bmm(scores.softmax(-1).to(q.dtype), lat[..., :r]).view(B * T, H * r)
-        return o if self.dst is None else o.index_select(0, self.dst)
+        p = scores.softmax(-1).to(q.dtype)
+        if self.dst is None:  # (B, H, r) rows are already the tokens' rows
+            if out is None:
+                return torch.bmm(p, lat[..., :r]).view(B, H * r)
+            return torch.bmm(p, lat[..., :r], out=out.view(B, H, r)).view(B, H * r)
+        o = torch.bmm(p, lat[..., :r]).view(B * T, H * r)
+        return o.index_select(0, self.dst) if out is None else torch.index_select(o, 0, self.dst, out=out)
