@@ -252,8 +252,9 @@ class Engine:
         ready: list[Request] = []
         groups = self._pad_groups(batch.prefill, self.prefill_waste)
         if self._fast is not None:  # decode rows and (small enough) prefill chunks in one forward
-            fast = [g for g in groups if self._fast_fits(g)]
-            groups = [g for g in groups if not self._fast_fits(g)]
+            fits = [self._fast_fits(g) for g in groups]
+            fast = [g for g, f in zip(groups, fits) if f]
+            groups = [g for g, f in zip(groups, fits) if not f]
             if batch.decode or fast:
                 h, got = self._fast_forward(batch.decode, fast)
                 rows.append(h)
