@@ -1,16 +1,19 @@
 """The inference engine: continuous batching over a paged latent cache, with prefix caching.
 
-One `step()` = plan (scheduler) → at most two batched forwards → sample → detokenise:
+One `step()` = plan (scheduler) → one batched forward (FastDecoder, nanoseek/engine/fast.py) →
+sample → detokenise:
 
-* decode rows (one new token each) run the *absorbed* MLA path: every request's blocks are
-  gathered into a padded (B, S, rank + rope) latent tensor and scored in latent space, which is
-  the memory-cheap way to attend over a long cache (REFERENCE §4);
-* prefill chunks run the *expanded* path (compute-friendly), attending to their own new tokens
-  and to whatever earlier blocks the prefix cache or earlier chunks already hold.
-
-Rows of different lengths share a forward through padding: per-row positions for RoPE and a
-boolean (B, 1, T, S) mask. Padded tokens write their latents to the scratch block 0, so padding
-never touches a live request.
+* every decode row (one new token) and every prefill chunk of the step go through one forward
+  over their flat real tokens — projections, norms and the MoE never see padding;
+* attention is *absorbed* MLA: each row's queries score, in latent space, its sequence's blocks,
+  gathered into a padded (B, S, rank + rope) latent tensor per group of rows of similar length
+  (REFERENCE §4); prefill chunks attend to their own new tokens and to whatever earlier blocks
+  the prefix cache or earlier chunks already hold;
+* a prefill group whose padded scores would be large (long prompts) instead runs the model's own
+  *expanded* path (compute-friendly, blocked), grouped by length, with per-row positions for
+  RoPE and a boolean (B, 1, T, S) mask; its padded tokens write their latents to the scratch
+  block 0, so padding never touches a live request. Models FastDecoder does not support
+  (attention biases) take that path for everything.
 """
 
 from __future__ import annotations

@@ -1,25 +1,32 @@
-"""The decode hot loop: one new token per sequence, absorbed MLA, with the weights pre-folded.
+"""The engine's forward: absorbed MLA over the paged latent cache, with the weights pre-folded.
 
-Decoding a small model on a CPU is bound by per-op overhead, not by FLOPs: a step of the module
-forward launches ~250 small ops. This functional twin of `DeepSeekV3.hidden_states` (T = 1 only)
-cuts that down without changing the math:
+A small model on a CPU is bound by per-op overhead (and by reading its weights), not by FLOPs:
+the module forward launches ~250 small ops per token step. This functional twin of
+`DeepSeekV3.hidden_states` runs every decode row and every (not too long) prefill chunk of a
+step in ONE forward over their flat real tokens, and cuts the ops without changing the math:
 
 * W_UK is folded into the query up-projection once (q_abs = h·(W_UK^T W_Q,nope)^T), and W_UV into
   o_proj (W_O W_UV) — REFERENCE §4's absorption, done at load time instead of every step;
-* every RMSNorm whose output only feeds matmuls has its gain folded into those matmuls
-  (W·(g ⊙ x̂) = (W·diag g)·x̂): the input norms, q's norm, the router and the experts;
+* every RMSNorm whose output only feeds matmuls has its gain (and √d) folded into those matmuls
+  (W·(g ⊙ x̂) = (W·diag g)·x̂): the input norms, q's norm, the router, the experts, the lm_head;
+  what is left of a norm is one vecdot and an rsqrt;
 * RoPE costs two in-place ops: the projections emit the rope dims already de-interleaved
   ([evens; odds], the layout apply_rope writes) plus a half-swapped copy ([odds; evens]), so
   rope(x) = x·[cos; cos] + swap(x)·[−sin; sin], with the tables built once per step;
 * the cache keeps [c_kv ; k_pe] side by side, so q_abs·c_kv + q_pe·k_pe is one batched matmul
   against the gathered latents: scores = [q_abs ; q_pe] · [c_kv ; k_pe]^T;
 * the query and latent down-projections share one matmul; so do each SwiGLU's gate and up;
+  weights are stored transposed so each product is a single mm/addmm, and residual adds ride
+  on addmm (for one token, each expert's gate weight is addmm's alpha);
 * a single token visits only its k routed experts;
+* projections, norms and the MoE run on the N real tokens; only attention pads, per group of
+  rows of similar length (`AttnGroup`);
 * the latents are gathered into a buffer kept across steps: a fresh multi-MB tensor every layer
   costs page faults that, on a CPU, took longer than the gather itself.
 
-Prefill keeps using the model's own (expanded) path; both write the same latent layout, and the
-engine's greedy test against transformers checks that they agree.
+Long prefill chunks (whose padded score tensor would be large) keep using the model's own
+expanded path; both write the same latent layout, and the engine's greedy test against
+transformers checks that they agree.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ def _t(w: torch.Tensor, dtype) -> torch.Tensor:
 
 
 class FastDecoder:
-    """Pre-folded weights of a DeepSeekV3 for T = 1 decoding over the paged latent cache."""
+    """Pre-folded weights of a DeepSeekV3, and its forward over the paged latent cache."""
 
     @staticmethod
     def supports(model) -> bool:
