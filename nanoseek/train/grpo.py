@@ -247,17 +247,18 @@ def make_sampler(kind: str, model, tok: Tokenizer, max_num_seqs: int, max_len: i
 
 # ---------------------------------------------------------------------- log-probs
 def batch_tensors(rollouts: list[Rollout], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded prompt+completion ids (N, T), completion targets (N, C) and their lengths.
+    """Right-padded inputs (N, T), completion targets (N, C) and their lengths.
 
     Completion token j of row i sits at position len(prompt_i) + j; its log-prob is read from
-    the logits at the position before it."""
-    T = max(len(r.prompt_ids) + len(r.ids) for r in rollouts)
+    the hidden state at the position before it. A sequence's last token predicts nothing, so it
+    is not an input: T = the longest prompt + completion, minus one."""
+    T = max(1, max(len(r.prompt_ids) + len(r.ids) - 1 for r in rollouts))
     C = max(1, max(len(r.ids) for r in rollouts))
     ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
     comp = torch.full((len(rollouts), C), pad_id, dtype=torch.long)
     lens = torch.zeros(len(rollouts), dtype=torch.long)
     for i, r in enumerate(rollouts):
-        seq = r.prompt_ids + r.ids
+        seq = (r.prompt_ids + r.ids)[:T]
         ids[i, :len(seq)] = torch.tensor(seq)
         comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
         lens[i] = len(r.ids)
@@ -268,15 +269,18 @@ def completion_logprobs(model, ids: torch.Tensor, prompt_lens: torch.Tensor, com
                         with_entropy: bool = False, temperature: float = 1.0):
     """log π(completion token | prefix) for every completion slot, (N, C); optional entropy.
 
-    The logits are divided by the sampling temperature, as TRL does: the policy being
-    optimised is the one the rollouts were drawn from."""
-    logits = model(ids)  # fp32 (N, T, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
+    The final norm, lm_head and log-softmax run on the completion positions only (gathered
+    from the last hidden states), not on the prompt's and the padding's. The logits are divided
+    by the sampling temperature, as TRL does: the policy being optimised is the one the
+    rollouts were drawn from."""
+    h = model.hidden_states(ids)  # (N, T, D), causal
     N, C = comp.shape
     idx = (prompt_lens[:, None] - 1 + torch.arange(C, device=ids.device)[None]).clamp(max=ids.shape[1] - 1)
-    sel = logits.gather(1, idx[..., None].expand(N, C, logits.shape[-1]))  # (N, C, V)
-    logp_all = sel.log_softmax(-1)
+    h = h.gather(1, idx[..., None].expand(N, C, h.shape[-1]))  # (N, C, D)
+    logits = model.lm_head(model.norm(h)).float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp_all = logits.log_softmax(-1)
     logp = logp_all.gather(-1, comp[..., None]).squeeze(-1)
     if not with_entropy:
         return logp, None
