@@ -55,19 +55,20 @@ def bench_nanoseek(ckpt: Path, args, probs) -> dict:
                      mask_truncated_completions=False, micro_batch_size=args.prompts * args.G)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     sampler = make_sampler("engine", model, tok, args.prompts * args.G, args.len + 128)
-    times, n_tok = [], 0
+    times, t_roll, n_tok = [], 0.0, 0
     for s in range(args.steps + 1):
         batch = [p for p in probs[s * args.prompts:(s + 1) * args.prompts] for _ in range(args.G)]
         t0 = time.perf_counter()
         rolls = sampler.generate([build_prompt(p, tok, "chat") for p in batch], args.len, 1.0, seed=s)
         r = torch.tensor(reward([tok.decode(x.ids) for x in rolls], batch))
+        t1 = time.perf_counter()
         grpo_update(model, opt, None, rolls, r, cfg, tok.pad_id)
         if s:
             times.append(time.perf_counter() - t0)
+            t_roll += t1 - t0
             n_tok += sum(len(x.ids) for x in rolls)
     n = args.steps * args.prompts * args.G
-    return {"completions_per_s": n / sum(times), "s_per_step": sum(times) / len(times),
-            "mean_completion_tokens": n_tok / n}
+    return {"n": n, "time": sum(times), "rollout_time": t_roll, "tokens": n_tok}
 
 
 def bench_trl(ckpt: Path, args, probs) -> dict:
@@ -93,6 +94,7 @@ def bench_trl(ckpt: Path, args, probs) -> dict:
         return reward(texts, [probs[i] for i in idx])
 
     stamps: list[float] = []
+    gen_times: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_end(self, *a, **k):
@@ -107,12 +109,21 @@ def bench_trl(ckpt: Path, args, probs) -> dict:
                      disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=ds,
                           processing_class=hf_tok, callbacks=[Clock()])
+    gen_and_score = trainer._generate_and_score_completions
+
+    def timed(*a, **k):  # timing only: TRL's rollout + reward (+ old log-probs when it needs them)
+        t = time.perf_counter()
+        out = gen_and_score(*a, **k)
+        gen_times.append(time.perf_counter() - t)
+        return out
+
+    trainer._generate_and_score_completions = timed
     trainer.train()
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     n = args.steps * args.prompts * args.G
     hist = [h for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"completions_per_s": n / sum(gaps), "s_per_step": sum(gaps) / len(gaps),
-            "mean_completion_tokens": float(hist[-1]["completions/mean_length"]) if hist else float("nan"),
+    return {"n": n, "time": sum(gaps), "rollout_time": sum(gen_times[-len(gaps):]),
+            "tokens": sum(float(h["completions/mean_length"]) for h in hist[1:]) * args.prompts * args.G,
             "reward": float(hist[-1]["reward"]) if hist else float("nan")}
 
 
@@ -125,6 +136,8 @@ def main() -> None:
     ap.add_argument("--len", type=int, default=64)
     ap.add_argument("--task-args", default='{"digits": 3}')
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="nanoseek, TRL, nanoseek, TRL, … (A/B/A/B, so load drift hits both alike)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,20 +145,29 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ckpt = resolve_ckpt(args.ckpt)
     probs = problems_for(args)
-    ns = bench_nanoseek(ckpt, args, probs)
-    try:
-        trl = bench_trl(ckpt, args, probs)
-    except ImportError as e:
-        print(f"TRL not available ({e}); `pip install trl` to compare")
-        trl = None
+    ns_runs, trl_runs = [], []
+    for _ in range(args.rounds):
+        ns_runs.append(bench_nanoseek(ckpt, args, probs))
+        try:
+            trl_runs.append(bench_trl(ckpt, args, probs))
+        except ImportError as e:
+            print(f"TRL not available ({e}); `pip install trl` to compare")
     print(f"\nGRPO step throughput, {args.prompts} prompts x G={args.G}, max_completion_length={args.len}, "
-          f"{args.steps} timed steps, torch threads {torch.get_num_threads()}")
-    print(f"  nanoseek : {ns['completions_per_s']:.2f} completions/s ({ns['s_per_step']:.1f} s/step, "
-          f"mean completion {ns['mean_completion_tokens']:.0f} tokens)")
-    if trl:
-        print(f"  TRL      : {trl['completions_per_s']:.2f} completions/s ({trl['s_per_step']:.1f} s/step, "
-              f"mean completion {trl['mean_completion_tokens']:.0f} tokens, reward {trl['reward']:.2f})")
-        print(f"  ratio    : {ns['completions_per_s'] / trl['completions_per_s']:.1f}x")
+          f"{args.steps} timed steps x {args.rounds} rounds (A/B/A/B), torch threads {torch.get_num_threads()}")
+
+    def line(name, runs, extra=""):
+        n, t, roll = sum(r["n"] for r in runs), sum(r["time"] for r in runs), sum(r["rollout_time"] for r in runs)
+        steps = args.steps * len(runs)
+        per_round = ", ".join(f"{r['n'] / r['time']:.1f}" for r in runs)
+        print(f"  {name:9s}: {n / t:.2f} completions/s ({t / steps:.2f} s/step: rollout {roll / steps:.2f} + "
+              f"update {(t - roll) / steps:.2f}; mean completion {sum(r['tokens'] for r in runs) / n:.0f} tokens"
+              f"{extra}; per round {per_round})")
+        return n / t
+
+    a = line("nanoseek", ns_runs)
+    if trl_runs:
+        b = line("TRL", trl_runs, f", reward {trl_runs[-1]['reward']:.2f}")
+        print(f"  ratio    : {a / b:.2f}x")
     print("command: python " + " ".join(sys.argv))
 
 
