@@ -90,11 +90,12 @@ def test_bad_specs_name_themselves(tmp_path):
         iter_documents("builtin:arithmetic?k=3")
 
 
-def test_builtin_when_tasks_available():
-    tasks = pytest.importorskip("nanoseek.tasks")
-    if not hasattr(tasks, "builtin_corpus"):
-        pytest.skip("nanoseek.tasks has no builtin_corpus yet")
+def test_builtin_corpus_is_seeded_and_takes_its_knobs():
     docs = list(iter_documents("builtin:arith?n=5&seed=3"))
     again = list(iter_documents("builtin:arith?n=5&seed=3"))
     assert len(docs) == 5 and all(isinstance(d, str) and d for d in docs)
     assert docs == again  # same seed, same corpus
+    mixed = list(iter_documents("builtin:arith?n=60&seed=1&chat=0.5"))
+    assert any(d.startswith("User: ") for d in mixed) and any(d.startswith("Q: ") for d in mixed)
+    with pytest.raises(ValueError, match=r"unknown parameter.*'temp'.*known: n, seed, chat, tagged"):
+        iter_documents("builtin:arith?temp=1")

@@ -67,13 +67,14 @@ def test_arithmetic_parse_is_strict():
 # ---- pretraining corpus -----------------------------------------------------------------
 
 def test_corpus_format_and_heldout_never_leaks():
-    docs = list(builtin_corpus("arith", 300, seed=0))
-    assert len(docs) == 300 and docs[:3] == list(builtin_corpus("arith", 3, seed=0))
+    assert all(d.startswith("Q: ") for d in builtin_corpus("arith", 100, seed=0))  # default: no chat
+    docs = list(builtin_corpus("arith", 300, seed=0, chat=0.3))
+    assert len(docs) == 300 and docs[:3] == list(builtin_corpus("arith", 3, seed=0, chat=0.3))
     test = ArithmeticTask(digits=2, ops="+").make(60, seed=0, split="test")
     test_q = {f"Q: {p.meta['expr']}\n" for p in test}
     qa = [d for d in docs if d.startswith("Q: ")]
     chats = [d for d in docs if d.startswith("User: ")]
-    assert len(qa) + len(chats) == 300 and 30 <= len(chats) <= 90  # CHAT_DOC_FRACTION = 0.2
+    assert len(qa) + len(chats) == 300 and 60 <= len(chats) <= 120  # CHAT_DOC_FRACTION = 0.3
     blocks = [b for d in qa for b in d.split("\n\n")]
     assert 4 * len(qa) <= len(blocks) <= 8 * len(qa)
     for b in blocks:
@@ -102,6 +103,10 @@ def test_corpus_is_an_endless_stream_and_rejects_unknown_names():
     assert len(list(itertools.islice(it, 50))) == 50
     with pytest.raises(ValueError, match="arith"):
         builtin_corpus("nope", 1, 0)
+    with pytest.raises(ValueError, match=r"no parameter.*'k'.*known: n, seed, chat, tagged"):
+        builtin_corpus("arith", 1, 0, k=1)
+    with pytest.raises(ValueError, match="fractions"):
+        next(builtin_corpus("arith", 1, 0, chat=2))
 
 
 def test_train_problems_never_state_a_heldout_step():

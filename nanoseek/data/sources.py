@@ -132,21 +132,29 @@ def resolve_files(spec: str) -> list[Path]:
     raise ValueError(f"data spec {spec!r}: no such file or folder (expected a path, a glob or builtin:NAME)")
 
 
-def _parse_builtin(spec: str) -> tuple[str, int, int]:
-    rest = spec[len("builtin:"):]
-    name, _, query = rest.partition("?")
+def parse_builtin(spec: str, default_n: int = BUILTIN_DEFAULT_N) -> tuple[str, int, int, dict[str, float]]:
+    """'builtin:arith?n=5000&seed=3&chat=0.3' → ('arith', 5000, 3, {'chat': 0.3}): the corpus,
+    how many documents, the seed, and the corpus's own knobs (see `tasks.corpus_knobs`)."""
+    name, _, query = spec[len("builtin:"):].partition("?")
     if not name:
-        raise ValueError(f"data spec {spec!r}: builtin needs a name, e.g. builtin:arithmetic?n=1000")
+        raise ValueError(f"data spec {spec!r}: builtin needs a name, e.g. builtin:arith?n=1000")
     params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    unknown = set(params) - {"n", "seed"}
-    if unknown:
-        raise ValueError(f"data spec {spec!r}: unknown parameter(s) {sorted(unknown)} (known: n, seed)")
     try:
-        n = int(params.get("n", BUILTIN_DEFAULT_N))
-        seed = int(params.get("seed", 0))
+        from nanoseek.tasks import corpus_knobs
+    except ImportError:  # the data layer alone: n and seed only
+        def corpus_knobs(name: str) -> list[str]:
+            return []
+    known = ["n", "seed", *corpus_knobs(name)]
+    unknown = set(params) - set(known)
+    if unknown:
+        raise ValueError(f"data spec {spec!r}: unknown parameter(s) {sorted(unknown)} (known: {', '.join(known)})")
+    try:
+        n = int(params.pop("n", default_n))
+        seed = int(params.pop("seed", 0))
+        knobs = {k: float(v) for k, v in params.items()}
     except ValueError as e:
-        raise ValueError(f"data spec {spec!r}: n and seed must be integers") from e
-    return name, n, seed
+        raise ValueError(f"data spec {spec!r}: n and seed must be integers, other parameters numbers") from e
+    return name, n, seed, knobs
 
 
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
@@ -154,12 +162,12 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"data spec must be a non-empty string, got {spec!r}")
     if spec.startswith("builtin:"):
-        name, n, seed = _parse_builtin(spec)
+        name, n, seed, knobs = parse_builtin(spec)
         try:
             from nanoseek.tasks import builtin_corpus
         except ImportError as e:
             raise ValueError(f"data spec {spec!r}: builtin corpora need nanoseek.tasks ({e})") from e
-        return iter(builtin_corpus(name, n, seed))
+        return iter(builtin_corpus(name, n, seed, **knobs))
     files = resolve_files(spec)  # resolved now, so a bad spec fails at the call
 
     def gen():

@@ -32,17 +32,30 @@ def task_for(problem: Problem) -> Task:
     return get_task(name)
 
 
-def builtin_corpus(name: str, n_docs: int | None, seed: int) -> Iterator[str]:
+def corpus_knobs(name: str) -> list[str]:
+    """The knobs a built-in corpus takes beyond n and seed (e.g. arith: chat, tagged)."""
+    import inspect
+
+    fn = CORPORA.get(name)
+    return [] if fn is None else [k for k in inspect.signature(fn).parameters if k not in ("n_docs", "seed")]
+
+
+def builtin_corpus(name: str, n_docs: int | None, seed: int, **knobs: float) -> Iterator[str]:
     """Plain-text pretraining documents (n_docs=None: an endless stream), seeded.
 
     'arith': 4-8 worked problems per document in the format
-    'Q: 37+45\\nA: 7+5=12 carry 1. 3+4+1=8. 37+45=82.\\n#### 82\\n'; never contains a test-split
-    arithmetic problem (see `tasks.arithmetic`). Evaluate a base model with
+    'Q: 37+45\nA: 7+5=12 carry 1. 3+4+1=8. 37+45=82.\n#### 82\n'; with chat > 0 some documents
+    are User/Assistant exchanges instead (see `arithmetic.corpus_documents`); never contains a
+    test-split arithmetic problem (see `tasks.arithmetic`). Evaluate a base model with
     `pretrain_prompt(problem)` and `parse_pretrain_answer(continuation)`.
     """
     if name not in CORPORA:
         raise ValueError(f"unknown built-in corpus {name!r}; choose one of {sorted(CORPORA)}")
-    return CORPORA[name](n_docs, seed)
+    unknown = set(knobs) - set(corpus_knobs(name))
+    if unknown:
+        raise ValueError(f"builtin:{name} has no parameter(s) {sorted(unknown)} "
+                         f"(known: n, seed, {', '.join(corpus_knobs(name))})")
+    return CORPORA[name](n_docs, seed, **knobs)
 
 
 def cold_start_sft(task: Task, n: int, seed: int) -> list[dict]:
@@ -74,6 +87,6 @@ def r1_zero_prompt(problem: Problem, open_think: bool = False) -> str:
 
 __all__ = [
     "Problem", "Task", "ArithmeticTask", "CountdownTask", "GSM8KTask", "load_gsm8k",
-    "TASKS", "get_task", "task_for", "builtin_corpus", "cold_start_sft", "r1_zero_prompt",
+    "TASKS", "get_task", "task_for", "builtin_corpus", "corpus_knobs", "cold_start_sft", "r1_zero_prompt",
     "pretrain_prompt", "parse_pretrain_answer", "extract_answer",
 ]

@@ -22,28 +22,13 @@ import numpy as np
 import torch
 
 from ..data.shards import TokenShards
+from ..data.sources import parse_builtin
 
 BUILTIN_DEFAULT_DOCS = 20_000  # ≈ 6M tokens of builtin:arith: more than a CPU demo run sees
 VAL_SEED_OFFSET = 1_000_003  # the validation stream of a builtin corpus uses another seed
 
 
-def parse_builtin(spec: str) -> tuple[str, int, int]:
-    """'builtin:arith?n=5000&seed=3' → ('arith', 5000, 3); n defaults to BUILTIN_DEFAULT_DOCS."""
-    from urllib.parse import parse_qs
-
-    name, _, query = spec[len("builtin:"):].partition("?")
-    params = {k: v[-1] for k, v in parse_qs(query).items()}
-    unknown = set(params) - {"n", "seed"}
-    if not name or unknown:
-        raise ValueError(f"--data {spec!r}: expected builtin:NAME[?n=DOCS&seed=S]"
-                         + (f", unknown parameter(s) {sorted(unknown)}" if unknown else ""))
-    try:
-        return name, int(params.get("n", BUILTIN_DEFAULT_DOCS)), int(params.get("seed", 0))
-    except ValueError:
-        raise ValueError(f"--data {spec!r}: n and seed must be integers") from None
-
-
-def builtin_tokens(name: str, n_docs: int, seed: int, tokenizer) -> np.ndarray:
+def builtin_tokens(name: str, n_docs: int, seed: int, tokenizer, knobs: dict | None = None) -> np.ndarray:
     """Generate `n_docs` documents of a built-in corpus and tokenize them, each closed by eos.
 
     Raw text is encoded with allow_special=False: a literal "<|eos|>" in data must not forge a
@@ -51,7 +36,7 @@ def builtin_tokens(name: str, n_docs: int, seed: int, tokenizer) -> np.ndarray:
     """
     from ..tasks import builtin_corpus
 
-    docs = list(builtin_corpus(name, n_docs, seed))
+    docs = list(builtin_corpus(name, n_docs, seed, **(knobs or {})))
     ids = tokenizer.encode_batch(docs, allow_special=False)
     eos = tokenizer.eos_id
     flat = np.fromiter((t for doc in ids for t in (*doc, eos)), dtype=np.int64)
@@ -93,9 +78,9 @@ def open_streams(data: str, tokenizer=None, val_fraction: float = 0.01,
     if data.startswith("builtin:"):
         if tokenizer is None:
             raise ValueError(f"--data {data}: a builtin corpus needs a tokenizer to be tokenized with")
-        name, n, seed = parse_builtin(data)
-        train = builtin_tokens(name, n, seed, tokenizer)
-        val = builtin_tokens(name, val_docs, seed + VAL_SEED_OFFSET, tokenizer)
+        name, n, seed, knobs = parse_builtin(data, BUILTIN_DEFAULT_DOCS)
+        train = builtin_tokens(name, n, seed, tokenizer, knobs)
+        val = builtin_tokens(name, val_docs, seed + VAL_SEED_OFFSET, tokenizer, knobs)
         return TokenStream(train, tokenizer.vocab_size), TokenStream(val, tokenizer.vocab_size)
     path = Path(data)
     if not path.is_dir():

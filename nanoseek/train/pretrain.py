@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from ..config import preset
 from ..model import DeepSeekV3
-from .data import BatchLoader, open_streams, parse_builtin, val_batches
+from ..data.sources import parse_builtin
+from .data import BUILTIN_DEFAULT_DOCS, BatchLoader, open_streams, val_batches
 from .loop import Trainer, TrainConfig, init_distributed
 
 
@@ -64,8 +65,8 @@ def get_tokenizer(cfg: PretrainConfig, vocab_size: int, env):
     if env.is_main and not (cfg.resume and (path / "tokenizer.json").exists()):
         from ..tasks import builtin_corpus
 
-        name, n, seed = parse_builtin(cfg.data)
-        tok = Tokenizer.train(builtin_corpus(name, min(n, 5000), seed), vocab_size)
+        name, n, seed, knobs = parse_builtin(cfg.data, BUILTIN_DEFAULT_DOCS)
+        tok = Tokenizer.train(builtin_corpus(name, min(n, 5000), seed, **knobs), vocab_size)
         tok.save(path)
     if env.distributed:
         dist.barrier()
