@@ -3,10 +3,13 @@
 Both sides start from the same exported checkpoint directory (nanoseek writes HF deepseek_v3
 directories; transformers loads it as DeepseekV3ForCausalLM), train on the same prompts with
 the same G, max_completion_length, temperature, loss (dapo, beta 0, group scaling, one update
-per generation) and the same rule reward, and are timed side by side in one process.
-The first step of each is a warm-up and is not timed.
+per generation) and the same rule reward, and are timed side by side in one process, in
+alternating rounds (nanoseek, TRL, nanoseek, TRL, …) so that load drift on a shared machine hits
+both alike. Each round starts from the checkpoint; its first step is a warm-up and is not
+timed. Reported: completions/s over all timed steps, and the step split into rollout (generation
++ reward; TRL: `_generate_and_score_completions`) and update.
 
-    python benchmarks/grpo.py --ckpt runs/demo/sft/model [--steps 3 --prompts 8 --G 8 --len 64]
+    python benchmarks/grpo.py --ckpt runs/demo/sft/model [--steps 3 --prompts 8 --G 8 --len 64 --rounds 2]
 
 TRL is needed for this benchmark only (`pip install trl`); it generates with transformers'
 `generate` (no vLLM on CPU), nanoseek with its paged latent-cache engine.
