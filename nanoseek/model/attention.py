@@ -131,10 +131,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.dr)), dim=-1)
-        if mask is None:
+        if mask is None and q.device.type == "cpu":  # SDPA's CPU kernels would take the math path
             out = CausalAttention.apply(q, k, v, self.scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        else:  # on CUDA SDPA's fused kernels handle d_qk ≠ d_v without storing the T×T probabilities
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return out.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.dv)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
