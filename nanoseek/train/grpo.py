@@ -215,8 +215,7 @@ class EngineSampler:
         self.model.eval()
         # the engine keeps weight-derived state (pre-folded decode weights, cached prefixes):
         # refresh it, or this step would sample from the previous step's policy
-        refresh = getattr(self.engine, "update_weights", None) or self.engine.reset_prefix_cache
-        refresh()
+        self.engine.update_weights()
         base = random.Random(seed)
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  seed=base.randrange(2**31), stop_token_ids=[self.tok.eos_id])
@@ -308,9 +307,6 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     keep = filter_equal_reward_groups(rewards, G) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
     stats: dict = {"frac_reward_zero_std": frac_reward_zero_std(rewards, G),
                    "num_sequences_trained": int(keep.sum())}
-    if not bool(keep.any()):
-        stats["skipped"] = True
-        return stats
     adv = adv[keep]
     kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
     # the loss normalisers count every kept sequence: N, and the tokens that count (dapo)
