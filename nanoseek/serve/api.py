@@ -97,10 +97,12 @@ class APIError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
 
-    def response(self) -> JSONResponse:
-        body = ErrorResponse(error=ErrorBody(message=self.message, type=self.TYPES.get(self.status, "error"),
+    def body(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorBody(message=self.message, type=self.TYPES.get(self.status, "error"),
                                              param=self.param, code=self.code))
-        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -490,61 +492,70 @@ async def _until_disconnect(request: Request, coro):
                 await task
 
 
-@dataclass
 class _Run:
-    """What a non-streamed request has generated so far. Kept current while it runs, so the
-    `finally` of a cancelled request (client gone) can still meter what it used."""
+    """One generation's accounting, shared by the four response bodies: it holds a place in
+    ``in_flight`` while open and keeps what has been generated current, so that closing it — also
+    from the ``finally`` of a request cancelled mid-way (client gone) — meters what it used."""
 
-    t0: float = field(default_factory=time.perf_counter)
-    t_first: float | None = None
-    text: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    lps: list = field(default_factory=list)
-    ev: Any = None
-    finished: bool = False
+    def __init__(self, srv: _Server, in_think: bool):
+        self.srv, self.in_think = srv, in_think
+        self.t0, self.t_first = time.perf_counter(), None
+        self.ids: list[int] = []
+        self.ev: Any = None
+        self._usage: Usage | None = None
 
-    async def collect(self, srv: "_Server", prompt_ids, params, rid) -> None:
-        async for ev in srv.events(prompt_ids, params, rid, keepalive=False):
-            if self.t_first is None and ev.token_ids:
-                self.t_first = time.perf_counter()
-            self.text.append(ev.text_delta)
-            self.ids += list(ev.token_ids)
+    def __enter__(self) -> "_Run":
+        self.srv.in_flight += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.srv.in_flight -= 1
+        usage = self.usage() if self.ev is not None else None
+        self.srv.finish_metrics(usage, self.t0, self.t_first, aborted=not (self.ev is not None and self.ev.finished))
+
+    def add(self, ev) -> bool:
+        """Record an engine event; True when it carries the first generated token."""
+        first = self.t_first is None and bool(ev.token_ids)
+        if first:
+            self.t_first = time.perf_counter()
+        self.ids += list(ev.token_ids)
+        self.ev = ev
+        return first
+
+    def usage(self) -> Usage:
+        if self._usage is None:
+            self._usage = self.srv.usage(self.ev, self.ids, self.in_think)
+        return self._usage
+
+    async def collect(self, prompt_ids, params, rid) -> tuple[str, list[TokenLogprob]]:
+        """Run a non-streamed generation to its end: its text and (if asked) its logprobs."""
+        text, lps = [], []
+        async for ev in self.srv.events(prompt_ids, params, rid, keepalive=False):
+            self.add(ev)
+            text.append(ev.text_delta)
             if params.logprobs:
-                self.lps += srv.logprobs(ev)
-            self.ev, self.finished = ev, ev.finished
+                lps += self.srv.logprobs(ev)
         if self.ev is None:
             raise APIError(500, "the engine returned no output", "internal_error")
-
-    def close(self, srv: "_Server", usage, in_think: bool) -> None:
-        srv.in_flight -= 1
-        if usage is None and self.ev is not None:
-            usage = srv.usage(self.ev, self.ids, in_think)
-        srv.finish_metrics(usage, self.t0, self.t_first, aborted=not self.finished)
+        return "".join(text), lps
 
 
 async def _chat_full(srv: _Server, req, rid, prompt_ids, params, in_think):
-    srv.in_flight += 1
-    run, usage = _Run(), None
-    try:
-        await run.collect(srv, prompt_ids, params, rid)
+    with _Run(srv, in_think) as run:
+        text, lps = await run.collect(prompt_ids, params, rid)
         splitter = ThinkSplitter(in_think)
-        pieces = splitter.feed("".join(run.text)) + splitter.flush()
+        pieces = splitter.feed(text) + splitter.flush()
         reasoning = "".join(t for k, t in pieces if k == REASONING)
         content = "".join(t for k, t in pieces if k == CONTENT)
-        usage = srv.usage(run.ev, run.ids, in_think)
         msg = ResponseMessage(content=content, reasoning_content=reasoning if splitter.saw_think else None)
         return ChatCompletionResponse(
-            id=rid, model=req.model, usage=usage,
+            id=rid, model=req.model, usage=run.usage(),
             choices=[ChatChoice(message=msg, finish_reason=run.ev.finish_reason,
-                                logprobs=ChoiceLogprobs(content=run.lps) if params.logprobs else None)])
-    finally:
-        run.close(srv, usage, in_think)
+                                logprobs=ChoiceLogprobs(content=lps) if params.logprobs else None)])
 
 
 async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, include_usage):
-    srv.in_flight += 1
-    t0, t_first, usage, finished, ev = time.perf_counter(), None, None, False, None
-    created, ids = int(time.time()), []
+    created = int(time.time())
     splitter = ThinkSplitter(in_think)
 
     def chunk(delta: DeltaMessage, finish=None, lps=None):
@@ -559,45 +570,36 @@ async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, inc
             yield chunk(delta, lps=lps)
             lps = None
 
-    try:
-        yield chunk(DeltaMessage(role="assistant", content=""))
-        async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
-            if ev is None:
-                yield ": keep-alive\n\n"
-                continue
-            if t_first is None and ev.token_ids:
-                t_first = time.perf_counter()
-                srv.metrics.queue_time.observe(t_first - t0)
-            ids += list(ev.token_ids)
-            lps = srv.logprobs(ev) if params.logprobs else None
-            for c in pieces_out(splitter.feed(ev.text_delta), lps):
-                yield c
-            if ev.finished:
-                finished = True
-                for c in pieces_out(splitter.flush()):
+    with _Run(srv, in_think) as run:
+        try:
+            yield chunk(DeltaMessage(role="assistant", content=""))
+            async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
+                if ev is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                if run.add(ev):
+                    srv.metrics.queue_time.observe(run.t_first - run.t0)
+                lps = srv.logprobs(ev) if params.logprobs else None
+                for c in pieces_out(splitter.feed(ev.text_delta), lps):
                     yield c
-                yield chunk(DeltaMessage(), finish=ev.finish_reason)
-                usage = srv.usage(ev, ids, in_think)
-                if include_usage:
-                    yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                                    usage=usage))
-        yield _data("[DONE]")
-    except Exception as e:  # after the 200 went out, an error can only travel inside the stream
-        yield _stream_error(e)
-        yield _data("[DONE]")
-    finally:
-        srv.in_flight -= 1
-        if usage is None and ev is not None:
-            usage = srv.usage(ev, ids, in_think)
-        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+                if ev.finished:
+                    for c in pieces_out(splitter.flush()):
+                        yield c
+                    yield chunk(DeltaMessage(), finish=ev.finish_reason)
+                    if include_usage:
+                        yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                                        usage=run.usage()))
+            yield _data("[DONE]")
+        except Exception as e:  # after the 200 went out, an error can only travel inside the stream
+            yield _stream_error(e)
 
 
 def _stream_error(e: Exception) -> str:
+    """An error event, then [DONE]: what a stream ends with when generation fails after the 200."""
     if not isinstance(e, APIError):
         log.exception("generation failed mid-stream")
         e = APIError(500, f"generation failed: {type(e).__name__}", "internal_error")
-    return _data(json.dumps(ErrorResponse(error=ErrorBody(
-        message=e.message, type=APIError.TYPES.get(e.status, "error"), code=e.code)).model_dump()))
+    return _data(json.dumps(e.body().model_dump())) + _data("[DONE]")
 
 
 def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
@@ -606,25 +608,17 @@ def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
 
 
 async def _completion_full(srv: _Server, req, rid, prompt_ids, params):
-    srv.in_flight += 1
-    run, usage = _Run(), None
-    try:
-        await run.collect(srv, prompt_ids, params, rid)
-        out = "".join(run.text)
+    with _Run(srv, False) as run:
+        out, lps = await run.collect(prompt_ids, params, rid)
         if req.echo:
             out = (req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt)) + out
-        usage = srv.usage(run.ev, run.ids, False)
-        return CompletionResponse(id=rid, model=req.model, usage=usage, choices=[CompletionChoice(
+        return CompletionResponse(id=rid, model=req.model, usage=run.usage(), choices=[CompletionChoice(
             text=out, finish_reason=run.ev.finish_reason,
-            logprobs=_completion_logprobs(run.lps) if params.logprobs else None)])
-    finally:
-        run.close(srv, usage, False)
+            logprobs=_completion_logprobs(lps) if params.logprobs else None)])
 
 
 async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include_usage):
-    srv.in_flight += 1
-    t0, t_first, usage, finished, ev = time.perf_counter(), None, None, False, None
-    created, ids = int(time.time()), []
+    created = int(time.time())
 
     def chunk(text, finish=None, usage=None, lps=None):
         choices = [] if usage is not None else [{"index": 0, "text": text, "finish_reason": finish,
@@ -635,33 +629,23 @@ async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include
             body["usage"] = usage.model_dump()
         return _data(json.dumps(body, ensure_ascii=False))
 
-    try:
-        if req.echo:
-            yield chunk(req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt))
-        async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
-            if ev is None:
-                yield ": keep-alive\n\n"
-                continue
-            if t_first is None and ev.token_ids:
-                t_first = time.perf_counter()
-            ids += list(ev.token_ids)
-            lps = _completion_logprobs(srv.logprobs(ev)) if params.logprobs else None
-            if ev.text_delta or ev.finished:
-                yield chunk(ev.text_delta, ev.finish_reason if ev.finished else None, lps=lps)
-            if ev.finished:
-                finished = True
-                usage = srv.usage(ev, ids, False)
-                if include_usage:
-                    yield chunk("", usage=usage)
-        yield _data("[DONE]")
-    except Exception as e:
-        yield _stream_error(e)
-        yield _data("[DONE]")
-    finally:
-        srv.in_flight -= 1
-        if usage is None and ev is not None:
-            usage = srv.usage(ev, ids, False)
-        srv.finish_metrics(usage, t0, t_first, aborted=not finished)
+    with _Run(srv, False) as run:
+        try:
+            if req.echo:
+                yield chunk(req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt))
+            async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
+                if ev is None:
+                    yield ": keep-alive\n\n"
+                    continue
+                run.add(ev)
+                lps = _completion_logprobs(srv.logprobs(ev)) if params.logprobs else None
+                if ev.text_delta or ev.finished:
+                    yield chunk(ev.text_delta, ev.finish_reason if ev.finished else None, lps=lps)
+                if ev.finished and include_usage:
+                    yield chunk("", usage=run.usage())
+            yield _data("[DONE]")
+        except Exception as e:
+            yield _stream_error(e)
 
 
 # ------------------------------------------------------------------------------------ command
