@@ -292,14 +292,13 @@ class _Server:
                 top = getattr(item, "top_logprobs", None)
             if isinstance(top, dict):
                 top = list(top.items())
-            tops = [TopLogprob(token=self._tok_text(t), logprob=float(v),
-                               bytes=list(self._tok_text(t).encode())) for t, v in (top or [])]
-            text = self._tok_text(tid)
-            out.append(TokenLogprob(token=text, logprob=float(lp), bytes=list(text.encode()), top_logprobs=tops))
+            tops = [TopLogprob(**self._tok_entry(t, v)) for t, v in (top or [])]
+            out.append(TokenLogprob(**self._tok_entry(tid, lp), top_logprobs=tops))
         return out
 
-    def _tok_text(self, tid: int) -> str:
-        return self.tok.decode([int(tid)])
+    def _tok_entry(self, tid: int, logprob) -> dict:
+        text = self.tok.decode([int(tid)])  # once per token: this runs per generated token
+        return {"token": text, "logprob": float(logprob), "bytes": list(text.encode())}
 
     # -------------------------------------------------------------- generation
     async def events(self, prompt_ids, params, request_id: str, keepalive: bool):
