@@ -153,13 +153,9 @@ class Engine:
     def update_weights(self) -> None:
         """Call after changing the model's weights in place (e.g. between GRPO steps): the decode
         path keeps pre-folded copies of the attention weights. Cached prefixes are dropped too —
-        their latents came from the old weights."""
+        their latents came from the old weights (so, like `reset_prefix_cache`, it needs an idle engine)."""
+        self.reset_prefix_cache()
         self._fast = FastDecoder(self.model) if FastDecoder.supports(self.model) else None
-        b = self.blocks
-        b.free += list(b.lru)
-        b.lru.clear()
-        b.key_of.clear()
-        b.block_of.clear()
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
