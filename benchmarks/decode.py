@@ -113,11 +113,9 @@ def main() -> None:
     roof = bw / act_bytes
     print(f"roofline: {c.activated / 1e6:.2f}M activated params x 4 B = {act_bytes / 1e6:.2f} MB/token; copy bandwidth "
           f"{bw / 1e9:.1f} GB/s → {roof:.0f} tok/s; batch-1 decode reaches {results[1][0] / roof:.1%} of it")
-    mha = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-                                                             + cfg.v_head_dim) * 4
+    mha = c.mha_cache_bytes
     bpt = eng.bytes_per_token
-    expect = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
-    assert bpt == expect, (bpt, expect)
+    assert bpt == c.mla_cache_bytes, (bpt, c.mla_cache_bytes)
     print(f"KV cache: {bpt} B/token (latent, read from the allocation) vs {mha} B/token expanded MHA → "
           f"{mha / bpt:.1f}x smaller")
 
