@@ -30,9 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek.tasks import get_task  # noqa: E402
-from nanoseek.tasks.rewards import accuracy_reward, format_reward  # noqa: E402
+from nanoseek.tasks.rewards import load_reward, weighted  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.train.grpo import GRPOConfig, build_prompt, grpo_update, make_sampler, reward_kwargs, score  # noqa: E402
 from nanoseek.train.sft import resolve_ckpt  # noqa: E402
+
+# `nanoseek grpo`'s own reward (accuracy + format, weight 1 each, chat template), for both sides
+REWARD = weighted({name: (load_reward(name), 1.0) for name in ("accuracy", "format")})
+REWARD_KW = reward_kwargs("chat")
 
 
 def problems_for(args):
@@ -40,17 +45,9 @@ def problems_for(args):
     return task.make(args.prompts * (args.steps + 1), seed=7, split="train")
 
 
-def reward(texts, probs) -> list[float]:
-    acc = accuracy_reward(texts, probs)
-    fmt = format_reward(texts, probs, answer_tags=False)
-    return [a + f for a, f in zip(acc, fmt)]
-
-
-def bench_nanoseek(ckpt: Path, args, probs) -> dict:
+def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
     from nanoseek.checkpoint import load_pretrained
-    from nanoseek.train.grpo import GRPOConfig, build_prompt, grpo_update, make_sampler
 
-    tok = Tokenizer.load(ckpt)
     model = load_pretrained(ckpt)
     cfg = GRPOConfig(ckpt=str(ckpt), task="arithmetic", out="-", num_generations=args.G,
                      max_completion_length=args.len, temperature=1.0, learning_rate=1e-6,
@@ -63,7 +60,7 @@ def bench_nanoseek(ckpt: Path, args, probs) -> dict:
         batch = [p for p in probs[s * args.prompts:(s + 1) * args.prompts] for _ in range(args.G)]
         t0 = time.perf_counter()
         rolls = sampler.generate([build_prompt(p, tok, "chat") for p in batch], args.len, 1.0, seed=s)
-        r = torch.tensor(reward([tok.decode(x.ids) for x in rolls], batch))
+        r, _, _ = score(rolls, batch, tok, REWARD, REWARD_KW)
         t1 = time.perf_counter()
         grpo_update(model, opt, None, rolls, r, cfg, tok.pad_id)
         if s:
@@ -74,12 +71,12 @@ def bench_nanoseek(ckpt: Path, args, probs) -> dict:
     return {"n": n, "time": sum(times), "rollout_time": t_roll, "tokens": n_tok}
 
 
-def bench_trl(ckpt: Path, args, probs) -> dict:
+def bench_trl(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
 
-    tok = Tokenizer.load(ckpt)
     hf_tok = AutoTokenizer.from_pretrained(ckpt)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model.generation_config.eos_token_id = tok.eos_id
@@ -94,7 +91,7 @@ def bench_trl(ckpt: Path, args, probs) -> dict:
         # TRL decodes without special tokens (<think> would vanish); score the same text as
         # nanoseek does, from the ids, when TRL hands them over
         texts = [tok.decode(c) for c in completion_ids] if completion_ids is not None else completions
-        return reward(texts, [probs[i] for i in idx])
+        return REWARD(texts, [probs[i] for i in idx], **REWARD_KW)[0]
 
     stamps: list[float] = []
     gen_times: list[float] = []
@@ -104,7 +101,7 @@ def bench_trl(ckpt: Path, args, probs) -> dict:
             stamps.append(time.perf_counter())
 
     out = tempfile.mkdtemp(prefix="trl-grpo-")
-    cfg = GRPOConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.G,
+    cfg = TRLConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.G,
                      num_generations=args.G, max_completion_length=args.len, temperature=1.0,
                      top_k=0, learning_rate=1e-6, beta=0.0, loss_type="dapo", scale_rewards="group",
                      num_iterations=1, max_steps=args.steps + 1, use_cpu=True, bf16=False,
@@ -147,12 +144,13 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ckpt = resolve_ckpt(args.ckpt)
+    tok = Tokenizer.load(ckpt)
     probs = problems_for(args)
     ns_runs, trl_runs = [], []
     for _ in range(args.rounds):
-        ns_runs.append(bench_nanoseek(ckpt, args, probs))
+        ns_runs.append(bench_nanoseek(ckpt, tok, args, probs))
         try:
-            trl_runs.append(bench_trl(ckpt, args, probs))
+            trl_runs.append(bench_trl(ckpt, tok, args, probs))
         except ImportError as e:
             print(f"TRL not available ({e}); `pip install trl` to compare")
     print(f"\nGRPO step throughput, {args.prompts} prompts x G={args.G}, max_completion_length={args.len}, "
