@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,7 +102,9 @@ def main() -> int:
     cmd = [sys.executable, "-m", "nanoseek.cli", "serve", "--ckpt", ckpt, "--port", str(port),
            "--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
     env = {**os.environ, "NANOSEEK_API_KEYS": KEY}
-    server = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log_path = Path(tmp.name) / "server.log"  # a file, not a pipe: nobody drains a pipe while the load runs
+    with log_path.open("w") as log:
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -114,7 +115,7 @@ def main() -> int:
             except httpx.HTTPError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                print(server.stdout.read() if server.stdout else "", file=sys.stderr)
+                print(log_path.read_text(), file=sys.stderr)
                 raise SystemExit("server did not start")
             time.sleep(0.2)
 
@@ -142,18 +143,16 @@ def main() -> int:
     for e in errors[:5]:
         print("  error:", e)
     if ok:
-        print(f"throughput: {len(ok) / wall:.2f} req/s, {out_tok / wall:.1f} generated tok/s "
-              f"({out_tok} tokens in {wall:.2f} s)")
-        print(f"latency: p50 {pct(lat, 50):.3f} s, p95 {pct(lat, 95):.3f} s; "
-              f"TTFT p50 {pct(ttft, 50):.3f} s, p95 {pct(ttft, 95):.3f} s")
-        print(f"prefix cache: {hit_tok}/{prompt_tok} prompt tokens hit ({hit_tok / max(prompt_tok, 1):.0%}); "
-              f"metered cost ${cost:.6f}")
+        req_s, tok_s, hit = len(ok) / wall, out_tok / wall, hit_tok / max(prompt_tok, 1)
+        lat50, lat95, ttft50, ttft95 = pct(lat, 50), pct(lat, 95), pct(ttft, 50), pct(ttft, 95)
+        print(f"throughput: {req_s:.2f} req/s, {tok_s:.1f} generated tok/s ({out_tok} tokens in {wall:.2f} s)")
+        print(f"latency: p50 {lat50:.3f} s, p95 {lat95:.3f} s; TTFT p50 {ttft50:.3f} s, p95 {ttft95:.3f} s")
+        print(f"prefix cache: {hit_tok}/{prompt_tok} prompt tokens hit ({hit:.0%}); metered cost ${cost:.6f}")
         print("\n| clients × requests | max_tokens | req/s | gen tok/s | p50 latency | p95 latency | "
               "p50 TTFT | p95 TTFT | cache hit | errors |")
         print("|---|---|---|---|---|---|---|---|---|---|")
-        print(f"| {args.clients} × {args.requests} | {args.max_tokens} | {len(ok) / wall:.2f} | {out_tok / wall:.1f} | "
-              f"{pct(lat, 50):.2f} s | {pct(lat, 95):.2f} s | {pct(ttft, 50):.2f} s | {pct(ttft, 95):.2f} s | "
-              f"{hit_tok / max(prompt_tok, 1):.0%} | {len(errors)} |")
+        print(f"| {args.clients} × {args.requests} | {args.max_tokens} | {req_s:.2f} | {tok_s:.1f} | "
+              f"{lat50:.2f} s | {lat95:.2f} s | {ttft50:.2f} s | {ttft95:.2f} s | {hit:.0%} | {len(errors)} |")
     aborted = [ln for ln in metrics.splitlines() if ln.startswith("nanoseek_aborted_requests_total ")]
     if aborted:
         print("server:", aborted[0])
