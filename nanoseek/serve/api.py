@@ -183,15 +183,7 @@ class _Server:
 
     def cache_usage(self) -> float:
         """Fraction of KV blocks held by live requests (prefix-cached free blocks do not count)."""
-        for name in ("cache_usage", "kv_cache_usage"):
-            v = getattr(self.engine, name, None)
-            if v is not None:
-                return float(v() if callable(v) else v)
-        total = getattr(self.engine, "num_blocks", None)
-        free = getattr(self.engine, "num_free_blocks", None)
-        if callable(free):
-            free = free()
-        return 1.0 - free / total if total and free is not None else float("nan")
+        return float(self.engine.cache_usage)
 
     # -------------------------------------------------------------- request pieces
     def check_auth(self, request: Request) -> None:
@@ -278,23 +270,10 @@ class _Server:
                      completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning), cost=cost)
 
     def logprobs(self, ev) -> list[TokenLogprob]:
-        """The engine's per-token logprobs → OpenAI's ``logprobs.content`` entries.
-
-        Accepts (token_id, logprob, {id: logprob}) tuples or objects with those attributes.
-        """
-        out = []
-        for item in ev.logprobs or []:
-            if isinstance(item, (tuple, list)):
-                tid, lp, top = (list(item) + [None])[:3]
-            else:
-                tid = getattr(item, "token_id")
-                lp = getattr(item, "logprob")
-                top = getattr(item, "top_logprobs", None)
-            if isinstance(top, dict):
-                top = list(top.items())
-            tops = [TopLogprob(**self._tok_entry(t, v)) for t, v in (top or [])]
-            out.append(TokenLogprob(**self._tok_entry(tid, lp), top_logprobs=tops))
-        return out
+        """The engine's per-token logprobs → OpenAI's ``logprobs.content`` entries."""
+        return [TokenLogprob(**self._tok_entry(x.token_id, x.logprob),
+                             top_logprobs=[TopLogprob(**self._tok_entry(t, v)) for t, v in x.top_logprobs.items()])
+                for x in ev.logprobs or []]
 
     def _tok_entry(self, tid: int, logprob) -> dict:
         text = self.tok.decode([int(tid)])  # once per token: this runs per generated token
@@ -359,9 +338,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
             yield
         finally:
             srv.closing = True
-            res = srv.aengine.shutdown()
-            if asyncio.iscoroutine(res):
-                await res
+            srv.aengine.shutdown()
 
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
                   description="OpenAI/DeepSeek-compatible API for a nanoseek checkpoint")
