@@ -12,8 +12,7 @@ sample → detokenise:
 * a prefill group whose padded scores would be large (long prompts) instead runs the model's own
   *expanded* path (compute-friendly, blocked), grouped by length, with per-row positions for
   RoPE and a boolean (B, 1, T, S) mask; its padded tokens write their latents to the scratch
-  block 0, so padding never touches a live request. Models FastDecoder does not support
-  (attention biases) take that path for everything.
+  block 0, so padding never touches a live request.
 """
 
 from __future__ import annotations
@@ -119,7 +118,7 @@ class Engine:
         self._outputs: dict[str, RequestOutput] = {}
         self._aborted: list[StreamEvent] = []
         self._arange_bs = torch.arange(block_size, device=self.device)
-        self._fast = FastDecoder(model) if FastDecoder.supports(model) else None
+        self._fast = FastDecoder(model)
         self.decode_waste = 1.5  # decode rows share one attention call while padding ≤ 50%
         self.prefill_waste = 1.25  # prefill chunks share one forward while padding ≤ 25%
 
@@ -155,7 +154,7 @@ class Engine:
         path keeps pre-folded copies of the attention weights. Cached prefixes are dropped too —
         their latents came from the old weights (so, like `reset_prefix_cache`, it needs an idle engine)."""
         self.reset_prefix_cache()
-        self._fast = FastDecoder(self.model) if FastDecoder.supports(self.model) else None
+        self._fast = FastDecoder(self.model)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
@@ -250,21 +249,16 @@ class Engine:
         rows: list[torch.Tensor] = []
         ready: list[Request] = []
         groups = self._pad_groups(batch.prefill, self.prefill_waste)
-        if self._fast is not None:  # decode rows and (small enough) prefill chunks in one forward
-            fits = [self._fast_fits(g) for g in groups]
-            fast = [g for g, f in zip(groups, fits) if f]
-            groups = [g for g, f in zip(groups, fits) if not f]
-            if batch.decode or fast:
-                h, got = self._fast_forward(batch.decode, fast)
-                rows.append(h)
-                ready += got
-        elif batch.decode:
-            rows.append(self._forward(batch.decode, [1] * len(batch.decode), absorb=True))
-            ready += batch.decode
-        for group in groups:
+        fits = [self._fast_fits(g) for g in groups]
+        fast = [g for g, f in zip(groups, fits) if f]
+        if batch.decode or fast:  # decode rows and (small enough) prefill chunks in one forward
+            h, got = self._fast_forward(batch.decode, fast)
+            rows.append(h)
+            ready += got
+        for group in [g for g, f in zip(groups, fits) if not f]:  # long prompts: the expanded path
             reqs = [r for r, _ in group]
             done = [r.remaining == n for r, n in group]  # chunk reaches the end of the prompt: sample
-            h = self._forward(reqs, [n for _, n in group], absorb=False)
+            h = self._forward(reqs, [n for _, n in group])
             if any(done):
                 rows.append(h[torch.tensor(done, device=self.device)])
                 ready += [r for r, d in zip(reqs, done) if d]
@@ -273,12 +267,7 @@ class Engine:
             self.scheduler.register_full_blocks(r)
         if not ready:
             return events
-        h = torch.cat(rows) if len(rows) > 1 else rows[0]
-        if self._fast is not None:
-            logits = self._fast.logits(h)
-        else:
-            m = self.model
-            logits = m.lm_head(m.norm(h)).float()
+        logits = self._fast.logits(torch.cat(rows) if len(rows) > 1 else rows[0])
         tokens, lps = sample(logits, [r.sampler for r in ready])
         for r, tok, lp in zip(ready, tokens, lps):
             events.append(self._accept(r, tok, lp))
@@ -356,8 +345,9 @@ class Engine:
             h = h.index_select(0, torch.tensor(pick, dtype=torch.long, device=dev))
         return h, ready
 
-    def _forward(self, reqs: list[Request], lens: list[int], absorb: bool) -> torch.Tensor:
-        """One batched forward of `lens[i]` new tokens for each request → each row's last hidden state."""
+    def _forward(self, reqs: list[Request], lens: list[int]) -> torch.Tensor:
+        """One batched forward (the model's own, expanded attention) of `lens[i]` new tokens for each
+        request → each row's last hidden state."""
         dev, bs = self.device, self.block_size
         B, T = len(reqs), max(lens)
         starts = [r.num_computed for r in reqs]
@@ -366,22 +356,16 @@ class Engine:
         table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r in reqs], device=dev)
         slots = (table[:, :, None] * bs + self._arange_bs).view(B, -1)[:, :S]  # (B, S): where each position lives
         start = torch.tensor(starts, device=dev)[:, None]
-        if T == 1:
-            ids = torch.tensor([[r.all_ids[s]] for r, s in zip(reqs, starts)], device=dev)
-            pos = start
-            write = slots.gather(1, pos)
-            mask = (torch.arange(S, device=dev) <= pos)[:, None, None, :]
-        else:
-            ids = torch.tensor([(r.all_ids[s:s + n] + [0] * T)[:T] for r, s, n in zip(reqs, starts, lens)], device=dev)
-            t = torch.arange(T, device=dev)[None]
-            valid = t < torch.tensor(lens, device=dev)[:, None]
-            pos = torch.where(valid, start + t, 0)
-            write = torch.where(valid, slots.gather(1, pos), 0)  # padding → scratch slot 0
-            cols = torch.arange(S, device=dev)[None, None]
-            # real rows: causal over the sequence's own positions; padded rows: column 0 only (no NaN rows)
-            mask = torch.where(valid[..., None], cols <= pos[..., None], cols == 0)[:, None]
+        ids = torch.tensor([(r.all_ids[s:s + n] + [0] * T)[:T] for r, s, n in zip(reqs, starts, lens)], device=dev)
+        t = torch.arange(T, device=dev)[None]
+        valid = t < torch.tensor(lens, device=dev)[:, None]
+        pos = torch.where(valid, start + t, 0)
+        write = torch.where(valid, slots.gather(1, pos), 0)  # padding → scratch slot 0
+        cols = torch.arange(S, device=dev)[None, None]
+        # real rows: causal over the sequence's own positions; padded rows: column 0 only (no NaN rows)
+        mask = torch.where(valid[..., None], cols <= pos[..., None], cols == 0)[:, None]
         h = self.model.hidden_states(ids, positions=pos, cache=StepCache(self.cache, write, slots), mask=mask,
-                                     absorb=absorb)
+                                     absorb=False)
         last = torch.tensor(lens, device=dev) - 1
         return h[torch.arange(B, device=dev), last]
 

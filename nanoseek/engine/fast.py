@@ -46,11 +46,6 @@ def _t(w: torch.Tensor, dtype) -> torch.Tensor:
 class FastDecoder:
     """Pre-folded weights of a DeepSeekV3, and its forward over the paged latent cache."""
 
-    @staticmethod
-    def supports(model) -> bool:
-        c = model.config
-        return not c.attention_bias
-
     @torch.no_grad()
     def __init__(self, model):
         self.model = model
@@ -85,6 +80,13 @@ class FastDecoder:
                 wq_all = None
                 split = [H * (r + dr), H * dr, r + dr, dr]
                 q_split = None
+            # attention biases (attention_bias): the first projections' in w_in's row order (the
+            # input norm's gain does not touch them; q_proj has none), o_proj's added after wo
+            b_in = None
+            if a.kv_a_proj_with_mqa.bias is not None:
+                kvb = a.kv_a_proj_with_mqa.bias.double()
+                qb = a.q_a_proj.bias.double() if hasattr(a, "q_a_proj") else kvb.new_zeros(H * (r + 2 * dr))
+                b_in = torch.cat((qb, kvb[:r], kvb[r:][perm], kvb[r:][swap])).to(dt)
             wo = a.o_proj.weight.double().view(-1, H, dv)
             wo_fold = torch.einsum("dhv,hvr->dhr", wo, w_uv).reshape(wo.shape[0], H * r)
             mlp = layer.mlp
@@ -94,10 +96,11 @@ class FastDecoder:
             # every matrix stored transposed, (in, out) contiguous: torch.mm/addmm on it is one op
             # (F.linear is four: linear → t → matmul → mm), and for one token the (1, in)·(in, out)
             # product streams whole rows
-            L = dict(w_in=_t(w_in, dt), split=split, q_split=q_split,
+            L = dict(w_in=_t(w_in, dt), b_in=b_in, split=split, q_split=q_split,
                      wq=None if wq_all is None else _t(wq_all, dt),
                      # the latent's norm: its gain and √r in one multiply with the rope's cos
                      kv_gain=(a.kv_a_layernorm.weight.double() * r ** 0.5).to(dt), wo=_t(wo_fold, dt), scale=a.scale,
+                     bo=a.o_proj.bias,
                      gate_up=None if ffn is None else _t(torch.cat((ffn.gate_proj.weight, ffn.up_proj.weight)).double()
                                                          * g2, dt),
                      down=None if ffn is None else ffn.down_proj.weight.t(), moe=None)
@@ -228,7 +231,9 @@ class FastDecoder:
             g.prepare(self._buf, block_size, r + dr, H, r)
         h = F.embedding(ids, m.embed_tokens.weight)
         for i, L in enumerate(self.layers):
-            parts = torch.mm(self._rms(h), L["w_in"]).split(L["split"], dim=-1)
+            x = self._rms(h)
+            parts = (torch.mm(x, L["w_in"]) if L["b_in"] is None else torch.addmm(L["b_in"], x, L["w_in"])
+                     ).split(L["split"], dim=-1)
             if L["wq"] is not None:
                 a, lat, lat_alt = parts
                 q, q_alt = torch.mm(self._rms(a), L["wq"]).split(L["q_split"], dim=-1)
@@ -250,6 +255,8 @@ class FastDecoder:
                 for g in groups:
                     g.attend(q[g.t0:g.t1], blocks, L["scale"], out=o[g.t0:g.t1])
             h = torch.addmm(h, o, L["wo"])
+            if L["bo"] is not None:
+                h += L["bo"]
             x = self._rms(h)
             if L["moe"] is not None:
                 h = self._moe(h, x, L)
