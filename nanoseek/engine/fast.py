@@ -170,7 +170,8 @@ class FastDecoder:
         return F.silu(torch.mm(xg, M["gate"][e])) * torch.mm(xg, M["up"][e])
 
     def _moe(self, h: torch.Tensor, x: torch.Tensor, L: dict) -> torch.Tensor:
-        """h + shared expert(x) + Σ_k g_k · expert_k(x), accumulated in place by addmm/index_add_."""
+        """h + shared expert(x) + Σ_k g_k · expert_k(x), accumulated by addmm/index_add_ (h, the
+        step's own residual, may be updated in place)."""
         c, M = self.cfg, L["moe"]
         s, idx = self._route(x, M)
         down = M["down"]
@@ -190,15 +191,13 @@ class FastDecoder:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         if c.routed_scaling_factor != 1.0:
             w = w * c.routed_scaling_factor
-        N, k = idx.shape
+        k = idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
         token = order // k
         xs = x.index_select(0, token).split(torch.bincount(flat, minlength=len(down)).tolist())
         outs = [torch.mm(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
         y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)
-        if L["gate_up"] is None:
-            h = h.clone()  # index_add_ below must not write into the caller's tensor
         return h.index_add_(0, token, y)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
