@@ -489,13 +489,14 @@ class _Run:
         usage = self.usage() if self.ev is not None else None
         self.srv.finish_metrics(usage, self.t0, self.t_first, aborted=not (self.ev is not None and self.ev.finished))
 
-    def add(self, ev) -> None:
-        """Record an engine event (the first to carry a token stops the queue-time clock)."""
-        if self.t_first is None and ev.token_ids:
+    def add(self, ev) -> bool:
+        """Record an engine event; True when it carries the first generated token."""
+        first = self.t_first is None and bool(ev.token_ids)
+        if first:
             self.t_first = time.perf_counter()
-            self.srv.metrics.queue_time.observe(self.t_first - self.t0)
         self.ids += list(ev.token_ids)
         self.ev = ev
+        return first
 
     def usage(self) -> Usage:
         if self._usage is None:
@@ -552,7 +553,8 @@ async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, inc
                 if ev is None:
                     yield ": keep-alive\n\n"
                     continue
-                run.add(ev)
+                if run.add(ev):
+                    srv.metrics.queue_time.observe(run.t_first - run.t0)
                 lps = srv.logprobs(ev) if params.logprobs else None
                 for c in pieces_out(splitter.feed(ev.text_delta), lps):
                     yield c
