@@ -112,7 +112,7 @@ class FastDecoder:
                 E = ex.gate_proj.shape[0]
                 L["moe"] = dict(
                     router=_t(moe.gate.weight.double() * g2, torch.float32),
-                    bias=getattr(moe.gate, "e_score_correction_bias", None),
+                    route=moe.gate,  # the Router module: its scoring and expert choice
                     gu=[_t(torch.cat((ex.gate_proj[e], ex.up_proj[e])).double() * g2, dt) for e in range(E)]
                     if small else None,
                     gate=None if small else [ex.gate_proj[e].t() for e in range(E)],
@@ -139,22 +139,11 @@ class FastDecoder:
         return (x.float() * self._rs(x)).to(x.dtype)
 
     def _route(self, x: torch.Tensor, M: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router.forward on the normalised x (its gain folded into the router's weight)
+        """The model's router on the normalised x (its gain folded into the router's weight)
         → unbiased scores s (N, E) fp32 and the chosen experts (N, k)."""
-        c = self.cfg
-        logits = torch.mm(x.float(), M["router"])
-        s = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = s + M["bias"] if M["bias"] is not None else s
-        if c.topk_method in ("noaux_tc", "group_limited_greedy") and c.n_group > 1:
-            groups = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)
-            if c.topk_method == "noaux_tc":
-                group_score = groups.topk(2, dim=-1).values.sum(-1)
-            else:
-                group_score = groups.amax(dim=-1)
-            keep = group_score.topk(c.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
-            choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        return s, choice.topk(c.num_experts_per_tok, dim=-1).indices
+        router = M["route"]
+        s = router.scores(torch.mm(x.float(), M["router"]))
+        return s, router.select(s)
 
     @staticmethod
     def _swiglu_h(x, gate_up):

@@ -33,11 +33,23 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) → weights (N, k) fp32, expert ids (N, k), scores (N, E) fp32 (unbiased)."""
         c = self.cfg
-        logits = F.linear(x.float(), self.weight.float())
-        if c.scoring_func == "sigmoid":
-            s = logits.sigmoid()  # s_i,t = σ(u_tᵀ e_i)  (eq. 15)
-        else:
-            s = logits.softmax(dim=-1)  # V2: s_i,t = Softmax_i(u_tᵀ e_i)
+        s = self.scores(F.linear(x.float(), self.weight.float()))
+        idx = self.select(s)
+        w = s.gather(1, idx)  # g'_i from the *unbiased* scores
+        if c.norm_topk_prob and c.num_experts_per_tok > 1:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * c.routed_scaling_factor, idx, s
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits u_tᵀe_i (N, E) fp32 → affinities s_i,t."""
+        if self.cfg.scoring_func == "sigmoid":
+            return logits.sigmoid()  # s_i,t = σ(u_tᵀ e_i)  (eq. 15)
+        return logits.softmax(dim=-1)  # V2: s_i,t = Softmax_i(u_tᵀ e_i)
+
+    def select(self, s: torch.Tensor) -> torch.Tensor:
+        """Affinities (N, E) → the chosen experts (N, k): top-k of s + b_i (eq. 16) within the
+        best `topk_group` groups. Shared by the engine's decode path, which scores on its own."""
+        c = self.cfg
         choice = s + self.e_score_correction_bias if hasattr(self, "e_score_correction_bias") else s
         if c.topk_method in ("noaux_tc", "group_limited_greedy") and c.n_group > 1:
             groups = choice.view(-1, c.n_group, c.n_routed_experts // c.n_group)
@@ -48,11 +60,7 @@ class Router(nn.Module):
             keep = group_score.topk(c.topk_group, dim=-1).indices
             group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
             choice = groups.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
-        idx = choice.topk(c.num_experts_per_tok, dim=-1).indices
-        w = s.gather(1, idx)  # g'_i from the *unbiased* scores
-        if c.norm_topk_prob and c.num_experts_per_tok > 1:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * c.routed_scaling_factor, idx, s
+        return choice.topk(c.num_experts_per_tok, dim=-1).indices
 
 
 class Experts(nn.Module):
