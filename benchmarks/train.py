@@ -4,12 +4,14 @@ side by side in one run.
     python benchmarks/train.py [--preset small] [--batch 16] [--seq-len 256] [--threads 1]
 
 Both models hold the same weights (nanoseek's randomly initialised checkpoint, loaded by
-transformers), fp32 on CPU, in train mode, and see the same batch. One timed iteration is
+transformers) on CPU, in train mode, and see the same batch. One timed iteration is
 forward, next-token cross-entropy, backward (gradients zeroed between iterations, no optimizer
 step, which is the same AdamW for both). nanoseek runs without its MTP head here because
 transformers has none; a second nanoseek line shows the cost of the full V3 loss (MTP + balance).
-Iterations alternate between the two so machine-load drift hits both alike; the best of `--reps`
-is reported. The vocabulary is the arithmetic tokenizer's (320 rows) unless --vocab is given.
+Iterations alternate between the models so machine-load drift hits them alike, each on a fresh
+batch (the same batches for every model); the best of `--reps` is reported. `--dtype bfloat16`
+runs every model under torch.autocast(bfloat16), the precision `nanoseek pretrain` picks on a CPU
+with native bf16. The vocabulary is the arithmetic tokenizer's (320 rows) unless --vocab is given.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoseek  # noqa: E402
 from nanoseek.checkpoint import save_pretrained  # noqa: E402
+from nanoseek.train.loop import autocast_dtype  # noqa: E402
 
 
-def step_time(fn, params) -> float:
+def step_time(fn, params, amp: torch.dtype | None, x, y) -> float:
     t = time.perf_counter()
-    loss = fn()
+    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        loss = fn(x, y)
     loss.backward()
     dt = time.perf_counter() - t
     for p in params:
@@ -48,6 +52,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=320)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="bfloat16: every model runs under torch.autocast(bfloat16); auto: what "
+                         "`nanoseek pretrain` picks on this machine")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -63,38 +70,43 @@ def main() -> None:
         warnings.simplefilter("ignore")
         save_pretrained(ours, Path(d))
         theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32).train()
+    # a fresh batch per iteration (the same sequence of batches for every model): routing then
+    # changes every step, as in training, so per-expert shapes do too
     g = torch.Generator().manual_seed(1)
-    seq = torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
-    x, y = seq[:, :-1], seq[:, 1:]
+    seqs = [torch.randint(0, cfg.vocab_size, (args.batch, args.seq_len + 1), generator=g)
+            for _ in range(args.reps + 1)]
+    batches = [(s[:, :-1], s[:, 1:]) for s in seqs]
 
-    def run_ours():
+    def run_ours(x, y):
         return main(x, y, balance_alpha=0.0).loss
 
-    def run_ours_full():
+    def run_ours_full(x, y):
         return ours(x, y, mtp_weight=0.3, balance_alpha=1e-4).loss
 
-    def run_theirs():
+    def run_theirs(x, y):
         logits = theirs(input_ids=x).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
 
     with torch.no_grad():  # the same function before timing it
-        a = main(x, y).lm_loss.item()
-        b = run_theirs().item()
+        a = main(*batches[0]).lm_loss.item()
+        b = run_theirs(*batches[0]).item()
     runs = {"nanoseek": (run_ours, list(main.parameters())),
             "transformers": (run_theirs, list(theirs.parameters())),
             "nanoseek (+MTP, balance)": (run_ours_full, list(ours.parameters()))}
+    amp = autocast_dtype(args.dtype, torch.device("cpu"))
+    args.dtype = str(amp or torch.float32).removeprefix("torch.")
     best = {k: float("inf") for k in runs}
     for name, (fn, ps) in runs.items():  # warm-up
-        step_time(fn, ps)
-    for _ in range(args.reps):
+        step_time(fn, ps, amp, *batches[0])
+    for x, y in batches[1:]:
         for name, (fn, ps) in runs.items():
-            best[name] = min(best[name], step_time(fn, ps))
+            best[name] = min(best[name], step_time(fn, ps, amp, x, y))
     tokens = args.batch * args.seq_len
     n_params = sum(p.numel() for p in ours.parameters())
     print(f"$ python benchmarks/train.py --preset {args.preset} --batch {args.batch} --seq-len {args.seq_len} "
-          f"--threads {args.threads}")
+          f"--threads {args.threads} --dtype {args.dtype}")
     print(f"{args.preset}: {n_params / 1e6:.2f}M params (vocab {cfg.vocab_size}), batch {args.batch} x "
-          f"{args.seq_len} = {tokens} tokens, fp32, {args.threads} thread(s); same loss: "
+          f"{args.seq_len} = {tokens} tokens, {args.dtype}, {args.threads} thread(s); same loss: "
           f"{a:.5f} vs {b:.5f}")
     for name, t in best.items():
         print(f"  {name:26s} {tokens / t:9.1f} tok/s  ({t * 1000:.0f} ms / fwd+bwd)")
