@@ -147,8 +147,11 @@ def test_penalty_math():
     got = st.penalise(torch.tensor([4.0, -4.0, 1.0, 1.0]))
     # id 0: seen in prompt → 4/2; id 1: seen, counted twice → -4·2 − 0.5·2 − 0.25
     assert got.tolist() == [2.0, -9.25, 1.0, 1.0]
-    kept = filter_top_k_top_p(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), 0, 0.8)
-    assert torch.isfinite(kept).tolist() == [True, True, False, False]
+    rows = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.1, 0.4, 0.2, 0.3]]))
+    kept = filter_top_k_top_p(rows, torch.tensor([0, 3, 2]), torch.tensor([0.8, 0.6, 1.0]))
+    assert torch.isfinite(kept).tolist() == [[True, True, False, False],  # top-p 0.8: 0.5 + 0.3
+                                             [False, False, True, True],  # top-3, then 0.6 of 0.95
+                                             [False, True, False, True]]  # top-2
 
 
 def test_logprobs_are_the_models(tiny):
