@@ -33,6 +33,7 @@ from nanoseek.tasks import get_task  # noqa: E402
 from nanoseek.tasks.rewards import load_reward, weighted  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train.grpo import GRPOConfig, build_prompt, grpo_update, make_sampler, reward_kwargs, score  # noqa: E402
+from nanoseek.train.loop import autocast_dtype  # noqa: E402
 from nanoseek.train.sft import resolve_ckpt  # noqa: E402
 
 # `nanoseek grpo`'s own reward (accuracy + format, weight 1 each, chat template), for both sides
@@ -52,7 +53,7 @@ def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
     cfg = GRPOConfig(ckpt=str(ckpt), task="arithmetic", out="-", num_generations=args.G,
                      max_completion_length=args.len, temperature=1.0, learning_rate=1e-6,
                      loss_type="dapo", beta=0.0, scale_rewards="group", dynamic_sampling=False,
-                     mask_truncated_completions=False, micro_batch_size=args.prompts * args.G)
+                     mask_truncated_completions=False, micro_batch_size=args.prompts * args.G, dtype=args.dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
     sampler = make_sampler("engine", model, tok, args.prompts * args.G, args.len + 128)
     times, t_roll, n_tok = [], 0.0, 0
@@ -104,7 +105,7 @@ def bench_trl(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
     cfg = TRLConfig(output_dir=out, per_device_train_batch_size=args.prompts * args.G,
                      num_generations=args.G, max_completion_length=args.len, temperature=1.0,
                      top_k=0, learning_rate=1e-6, beta=0.0, loss_type="dapo", scale_rewards="group",
-                     num_iterations=1, max_steps=args.steps + 1, use_cpu=True, bf16=False,
+                     num_iterations=1, max_steps=args.steps + 1, use_cpu=True, bf16=args.dtype == "bfloat16",
                      report_to="none", logging_steps=1, save_strategy="no", shuffle_dataset=False,
                      disable_tqdm=True, dataloader_num_workers=0, seed=0)
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=cfg, train_dataset=ds,
@@ -136,9 +137,13 @@ def main() -> None:
     ap.add_argument("--len", type=int, default=64)
     ap.add_argument("--task-args", default='{"digits": 3}')
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="the update's precision on both sides (TRL: bf16=True/False); auto: what "
+                         "`nanoseek grpo` picks on this machine (bf16 on a CPU with native bf16, as TRL's default)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="nanoseek, TRL, nanoseek, TRL, … (A/B/A/B, so load drift hits both alike)")
     args = ap.parse_args()
+    args.dtype = str(autocast_dtype(args.dtype, torch.device("cpu")) or torch.float32).removeprefix("torch.")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -154,7 +159,8 @@ def main() -> None:
         except ImportError as e:
             print(f"TRL not available ({e}); `pip install trl` to compare")
     print(f"\nGRPO step throughput, {args.prompts} prompts x G={args.G}, max_completion_length={args.len}, "
-          f"{args.steps} timed steps x {args.rounds} rounds (A/B/A/B), torch threads {torch.get_num_threads()}")
+          f"{args.steps} timed steps x {args.rounds} rounds (A/B/A/B), torch threads {torch.get_num_threads()}, "
+          f"update in {args.dtype}")
 
     def line(name, runs, extra=""):
         n, t, roll = sum(r["n"] for r in runs), sum(r["time"] for r in runs), sum(r["rollout_time"] for r in runs)

@@ -29,7 +29,8 @@ def scripted_rollouts(n: int, seed: int = 0, truncated=()) -> list[Rollout]:
 
 def cfg_for(**kw) -> GRPOConfig:
     base = dict(ckpt="-", task="arithmetic", out="-", num_generations=4, loss_type="grpo",
-                scale_rewards="group", max_grad_norm=1e9, micro_batch_size=3, mask_truncated_completions=True)
+                scale_rewards="group", max_grad_norm=1e9, micro_batch_size=3, mask_truncated_completions=True,
+                dtype="float32")  # exact math; bf16 autocast (the CPU default here) rounds the log-probs
     base.update(kw)
     return GRPOConfig(**base)
 

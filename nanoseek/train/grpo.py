@@ -41,6 +41,7 @@ from ..tasks import get_task, r1_zero_prompt
 from ..tasks.rewards import load_reward, weighted
 from ..tokenizer import Tokenizer
 from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
+from .loop import autocast_dtype
 from .sft import pick_device, resolve_ckpt
 
 
@@ -81,6 +82,9 @@ class GRPOConfig:
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: end only)"})
     seed: int = 0
     device: str = "auto"
+    dtype: str = field(default="auto", metadata={"help": "autocast dtype of the update's forward/backward, as in "
+                                                 "pretraining: auto = bfloat16 on CUDA and on CPUs with native bf16",
+                                                 "choices": ["auto", "float32", "bfloat16"]})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 on a busy machine)"})
     engine: str = field(default="auto", metadata={"help": "rollouts: auto | engine | simple (the in-file sampler)"})
 
@@ -335,9 +339,14 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     chunks = [slice(i, min(len(sel), i + mb)) for i in range(0, len(sel), mb)]
 
     T = cfg.temperature
+    amp = autocast_dtype(cfg.dtype, device)
+
+    def autocast():  # the rollouts ran in the engine's precision; the update runs in this one
+        return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
+
     old = ref = None
     if cfg.num_iterations > 1 or cfg.beta:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             if cfg.num_iterations > 1:
                 model.eval()
                 old = torch.cat([completion_logprobs(model, ids[c], plen[c], comp[c], temperature=T)[0] for c in chunks])
@@ -351,7 +360,8 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
         for c in chunks:
-            logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0), temperature=T)
+            with autocast():
+                logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0), temperature=T)
             loss, st = grpo_loss(logp, None if old is None else old[c], None if ref is None else ref[c],
                                  adv[c], mask[c], loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta,
