@@ -33,7 +33,6 @@ from nanoseek.tasks import get_task  # noqa: E402
 from nanoseek.tasks.rewards import load_reward, weighted  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train.grpo import GRPOConfig, build_prompt, grpo_update, make_sampler, reward_kwargs, score  # noqa: E402
-from nanoseek.train.loop import autocast_dtype  # noqa: E402
 from nanoseek.train.sft import resolve_ckpt  # noqa: E402
 
 # `nanoseek grpo`'s own reward (accuracy + format, weight 1 each, chat template), for both sides
@@ -137,13 +136,11 @@ def main() -> None:
     ap.add_argument("--len", type=int, default=64)
     ap.add_argument("--task-args", default='{"digits": 3}')
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="the update's precision on both sides (TRL: bf16=True/False); auto: what "
-                         "`nanoseek grpo` picks on this machine (bf16 on a CPU with native bf16, as TRL's default)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the update's precision on both sides (TRL: bf16=True/False); default float32, what `nanoseek grpo` uses on CPU")
     ap.add_argument("--rounds", type=int, default=2,
                     help="nanoseek, TRL, nanoseek, TRL, … (A/B/A/B, so load drift hits both alike)")
     args = ap.parse_args()
-    args.dtype = str(autocast_dtype(args.dtype, torch.device("cpu")) or torch.float32).removeprefix("torch.")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

@@ -83,7 +83,7 @@ class GRPOConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "autocast dtype of the update's forward/backward, as in "
-                                                 "pretraining: auto = bfloat16 on CUDA and on CPUs with native bf16",
+                                                 "pretraining: auto = bfloat16 on CUDA, float32 on CPU",
                                                  "choices": ["auto", "float32", "bfloat16"]})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 on a busy machine)"})
     engine: str = field(default="auto", metadata={"help": "rollouts: auto | engine | simple (the in-file sampler)"})

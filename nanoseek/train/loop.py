@@ -69,7 +69,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm; 0 = no clipping"})
     router_gamma: float = field(default=0.001, metadata={"help": "γ of the aux-loss-free router-bias update; 0 = off"})
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else float32",
+    dtype: str = field(default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 is ~1.5x faster on AVX512-BF16/AMX CPUs)",
                                                   "choices": ["auto", "float32", "bfloat16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -120,21 +120,16 @@ def init_distributed(device: str = "auto") -> DistEnv:
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. `auto` picks bf16 where the hardware multiplies bf16 natively: CUDA,
-    and CPUs with AVX512-BF16 or AMX. On the 2-core AVX512-BF16 CPU we develop on, a bf16 GEMM
-    of the small preset's shapes runs at ~200 GFLOP/s against ~80 in fp32, and a training step
-    (fwd+bwd, batch 16 × 256) takes 430 ms against 730 (docs/benchmarks.md). Elsewhere a CPU
-    emulates bf16 and fp32 is faster."""
-    if name == "float32":
-        return None
-    if name == "auto" and device.type != "cuda" and not cpu_has_native_bf16():
+    """None = plain fp32. `auto` picks bf16 on CUDA and fp32 on CPU.
+
+    On a CPU with native bf16 (AVX512-BF16, AMX) `--dtype bfloat16` trains ~1.5× faster (the
+    small preset: 430 vs 730 ms per fwd+bwd; docs/benchmarks.md), but it is not the default there:
+    the demo's bf16-pretrained bases, though as good on the pretraining eval (48–71% vs 54.5–92%),
+    came out of the cold-start SFT at 0.5–7.5% on 3-digit addition against 30.5–36% for fp32
+    ones (docs/pretraining.md) — the digit-copying lookups seem to need the fp32 precision."""
+    if name == "float32" or (name == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
-
-
-def cpu_has_native_bf16() -> bool:
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _all_reduce_mean(values: list[float], env: DistEnv) -> list[float]:

@@ -38,7 +38,7 @@ class PretrainConfig(TrainConfig):
     data: str = field(default="builtin:arith", metadata={"help": "token shard dir (nanoseek data prepare) or builtin:NAME[?n=&seed=]"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir; default: trained into RUN/tokenizer (builtin data)"})
     out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
-    steps: int = 1400  # 2.9M tokens: about seven minutes on two quiet AVX512-BF16 cores (bf16 autocast, ~7k tokens/s)
+    steps: int = 1400  # 2.9M tokens: about nine minutes on two quiet cores (~5.8k tokens/s)
     batch_size: int = 8  # measured: per token, batch 8 learns the digit copying far sooner than 16
     seq_len: int = 256
     lr: float = 3e-3
