@@ -146,7 +146,7 @@ def uniforms(seeds: torch.Tensor, counters: torch.Tensor, V: int) -> torch.Tenso
 def draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     """Sampled rows (n, V), one state each → one token per row: argmax of z/T + Gumbel noise over
     the top-k/top-p-filtered logits, which is a draw from softmax(z/T) restricted to them."""
-    dev, n = logits.device, logits.shape[0]
+    dev = logits.device
     ps = [s.params for s in states]
     temp = torch.tensor([p.temperature for p in ps], device=dev)[:, None]
     # shift so the best logit is 0 before dividing: a tiny temperature then gives a one-hot
@@ -164,18 +164,19 @@ def draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (B, V) fp32, one state per row → next token per row (+ its logprob when asked)."""
     B = logits.shape[0]
-    tokens = logits.argmax(-1)
     penalised = [i for i, s in enumerate(states) if s.counts is not None]
     drawn = [i for i, s in enumerate(states) if not s.params.greedy]
-    if penalised or drawn:
+    x = logits
+    if penalised:
         x = logits.clone()
         for i in penalised:
             x[i] = states[i].penalise(logits[i])
+    if penalised or drawn:
         # extreme penalties can overflow a logit to ±inf; keep the order, lose the infinities
         x = torch.nan_to_num(x, nan=float("-inf"), posinf=1e30, neginf=-1e30)
-        tokens = x.argmax(-1)
-        if drawn:
-            tokens[drawn] = draw(x[drawn], [states[i] for i in drawn])
+    tokens = x.argmax(-1)
+    if drawn:
+        tokens[drawn] = draw(x[drawn], [states[i] for i in drawn])
     out = tokens.tolist()
     lps: list[TokenLogprob | None] = [None] * B
     want = [i for i, s in enumerate(states) if s.params.logprobs or s.params.top_logprobs]
