@@ -41,7 +41,7 @@ from ..tasks import get_task, r1_zero_prompt
 from ..tasks.rewards import load_reward, weighted
 from ..tokenizer import Tokenizer
 from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
-from .loop import autocast_dtype
+from .loop import autocast, autocast_dtype
 from .sft import pick_device, resolve_ckpt
 
 
@@ -339,14 +339,10 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     chunks = [slice(i, min(len(sel), i + mb)) for i in range(0, len(sel), mb)]
 
     T = cfg.temperature
-    amp = autocast_dtype(cfg.dtype, device)
-
-    def autocast():  # the rollouts ran in the engine's precision; the update runs in this one
-        return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
-
+    amp = autocast_dtype(cfg.dtype, device)  # the update's precision (the rollouts ran in the engine's)
     old = ref = None
     if cfg.num_iterations > 1 or cfg.beta:
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(amp, device):
             if cfg.num_iterations > 1:
                 model.eval()
                 old = torch.cat([completion_logprobs(model, ids[c], plen[c], comp[c], temperature=T)[0] for c in chunks])
@@ -360,7 +356,7 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
         for c in chunks:
-            with autocast():
+            with autocast(amp, device):
                 logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0), temperature=T)
             loss, st = grpo_loss(logp, None if old is None else old[c], None if ref is None else ref[c],
                                  adv[c], mask[c], loss_type=cfg.loss_type, epsilon=cfg.epsilon,

@@ -69,7 +69,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = field(default=1.0, metadata={"help": "max global gradient norm; 0 = no clipping"})
     router_gamma: float = field(default=0.001, metadata={"help": "γ of the aux-loss-free router-bias update; 0 = off"})
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 is ~1.5x faster on AVX512-BF16/AMX CPUs)",
+    dtype: str = field(default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 is ~1.4x faster on AVX512-BF16/AMX CPUs)",
                                                   "choices": ["auto", "float32", "bfloat16"]})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
@@ -122,14 +122,19 @@ def init_distributed(device: str = "auto") -> DistEnv:
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """None = plain fp32. `auto` picks bf16 on CUDA and fp32 on CPU.
 
-    On a CPU with native bf16 (AVX512-BF16, AMX) `--dtype bfloat16` trains ~1.5× faster (the
-    small preset: 430 vs 730 ms per fwd+bwd; docs/benchmarks.md), but it is not the default there:
+    On a CPU with native bf16 (AVX512-BF16, AMX) `--dtype bfloat16` trains ~1.4× faster (the
+    small preset, fresh batches: 499 vs 713 ms per fwd+bwd; docs/benchmarks.md), but it is not the default there:
     the demo's bf16-pretrained bases, though as good on the pretraining eval (48–71% vs 54.5–92%),
     came out of the cold-start SFT at 0.5–7.5% on 3-digit addition against 30.5–36% for fp32
     ones (docs/pretraining.md) — the digit-copying lookups seem to need the fp32 precision."""
     if name == "float32" or (name == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
+
+
+def autocast(amp: torch.dtype | None, device: torch.device):
+    """The context a forward runs in: torch.autocast(amp), or plain fp32 when amp is None."""
+    return torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None)
 
 
 def _all_reduce_mean(values: list[float], env: DistEnv) -> list[float]:
@@ -241,9 +246,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one optimizer step
     def autocast(self):
-        if self.amp is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return autocast(self.amp, self.device)
 
     def split(self, batch: Batch) -> list[Batch]:
         """Cut this rank's batch (a tensor or tuple of tensors) into micro-batches along dim 0."""
