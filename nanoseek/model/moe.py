@@ -117,7 +117,7 @@ def _pad_groups(token, wt, counts, m):
     slot = pstart[group] + torch.arange(len(token), device=token.device) - start[group]
     total = int(padded.sum())
     token_p = torch.zeros(total, dtype=token.dtype, device=token.device).index_copy_(0, slot, token)
-    wt_p = torch.zeros(total, dtype=wt.dtype, device=wt.device).index_copy(0, slot, wt)
+    wt_p = torch.zeros(total, dtype=wt.dtype, device=wt.device).index_copy(0, slot, wt)  # out of place: wt carries the router's gradient
     return token_p, wt_p, padded
 
 
