@@ -126,6 +126,21 @@ def test_seeded_sampling_same_alone_or_in_a_batch(tiny):
     assert other_seed != alone
 
 
+def test_identical_prompts_in_one_step_are_prefilled_once(tiny):
+    """GRPO's G copies of a prompt: computed once, copied, then sampled apart — each copy's text
+    is what its seed gives alone (greedy too), in one step or chunk by chunk."""
+    p = prompts_of([21], seed=13)[0]
+    sps = [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    sps.append(SamplingParams(max_tokens=12, **GREEDY))
+    alone = [Engine(tiny).generate([p], sp)[0].token_ids for sp in sps]
+    assert len({tuple(a) for a in alone}) == 4
+    eng = Engine(tiny, block_size=4)
+    assert [o.token_ids for o in eng.generate([p] * 4, sps)] == alone
+    assert eng.stats["prefill_tokens"] == 21  # one copy's prompt, over six 4-token blocks
+    chunked = Engine(tiny, block_size=4, max_batch_tokens=16, enable_prefix_cache=False)
+    assert [o.token_ids for o in chunked.generate([p] * 4, sps)] == alone
+
+
 def test_sampling_limits_and_penalties(tiny):
     p = prompts_of([6], seed=11)[0]
     eng = Engine(tiny)

@@ -248,7 +248,8 @@ class Engine:
             events.append(self._finish(r, "length", r.detok.flush()))
         rows: list[torch.Tensor] = []
         ready: list[Request] = []
-        groups = self._pad_groups(batch.prefill, self.prefill_waste)
+        unique, copies = self._dedupe(batch.prefill)
+        groups = self._pad_groups(unique, self.prefill_waste)
         fits = [self._fast_fits(g) for g in groups]
         fast = [g for g, f in zip(groups, fits) if f]
         if batch.decode or fast:  # decode rows and (small enough) prefill chunks in one forward
@@ -262,6 +263,14 @@ class Engine:
             if any(done):
                 rows.append(h[torch.tensor(done, device=self.device)])
                 ready += [r for r, d in zip(reqs, done) if d]
+        if copies:  # identical chunks: their latents copied, their next token read from the same row
+            self._copy_latents(copies)
+            self.scheduler.prefill_tokens -= sum(n for _, n, _ in copies)  # planned, but not computed
+            at = {id(r): i for i, r in enumerate(ready)}
+            twins = [(r, at[id(src)]) for r, _, src in copies if id(src) in at]
+            if twins:
+                rows.append(torch.cat(rows)[[i for _, i in twins]])
+                ready += [r for r, _ in twins]
         for r, n in [(r, 1) for r in batch.decode] + batch.prefill:
             r.num_computed += n
             self.scheduler.register_full_blocks(r)
@@ -287,6 +296,36 @@ class Engine:
         self.scheduler.running.remove(r)
         self.scheduler.free(r)
         return self._finish(r, reason, delta + r.detok.flush(), [tok], lps)
+
+    @staticmethod
+    def _dedupe(chunks: list[tuple[Request, int]]) -> tuple[list[tuple[Request, int]], list[tuple[Request, int, Request]]]:
+        """Prefill chunks → (the distinct ones, [(copy, n, source)] for chunks whose sequence so far is
+        token for token a distinct one's). GRPO sends each prompt G times in one batch: its
+        latents are computed once and copied to the G − 1 others, whose first tokens are then
+        drawn, each with its own seed, from the same logits row (vLLM's n > 1 does this by forking
+        a sequence; here the copies are found by content, so the API and the requests stay as they are)."""
+        unique: list[tuple[Request, int]] = []
+        copies: list[tuple[Request, int, Request]] = []
+        first: dict[tuple, Request] = {}
+        for r, n in chunks:
+            key = (r.num_computed, n, len(r.all_ids), tuple(r.all_ids[:r.num_computed + n]))
+            src = first.setdefault(key, r)
+            if src is r:
+                unique.append((r, n))
+            else:
+                copies.append((r, n, src))
+        return unique, copies
+
+    def _copy_latents(self, copies: list[tuple[Request, int, Request]]) -> None:
+        """Each copy's n new positions get its source's latents, in every layer (one gather and
+        one scatter for all)."""
+        bs, dst, src = self.block_size, [], []
+        for r, n, s in copies:
+            for p in range(r.num_computed, r.num_computed + n):
+                dst.append(r.blocks[p // bs] * bs + p % bs)
+                src.append(s.blocks[p // bs] * bs + p % bs)
+        kv = self.cache.kv
+        kv.index_copy_(1, torch.tensor(dst, device=self.device), kv[:, torch.tensor(src, device=self.device)])
 
     @staticmethod
     def _pad_groups(chunks: list, waste: float = 1.25, length=lambda c: c[1]) -> list[list]:
