@@ -17,11 +17,15 @@ from nanoseek.train.grpo import (EngineSampler, GRPOConfig, Rollout, SimpleSampl
                                  grpo_update)
 
 
-def scripted_rollouts(n: int, seed: int = 0, truncated=()) -> list[Rollout]:
+def scripted_rollouts(n: int, seed: int = 0, truncated=(), share: int = 1) -> list[Rollout]:
+    """n rollouts of random prompts and completions; `share` consecutive rows have the same
+    prompt (GRPO's G completions of a prompt, which the update runs through the model once)."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         p = torch.randint(8, 264, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g).tolist()
+        if i % share:
+            p = out[-1].prompt_ids
         c = torch.randint(8, 264, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
         out.append(Rollout(p, c, i in truncated))
     return out
@@ -46,11 +50,14 @@ def hand_logp(model, r: Rollout) -> torch.Tensor:
 def test_one_step_equals_the_hand_computed_update(ckpt):
     """Scripted rewards → the group advantages by hand, the log-probs from an unpadded forward,
     and the GRPO gradient at ratio 1 (−1/N Σ_i Â_i · mean_t ∇log π) applied by SGD: the trainer's
-    parameters after one step must match, through padding, micro-batching and truncation masks."""
+    parameters after one step must match, through padding, micro-batching, prompts shared by
+    consecutive rows (one forward each, also across a micro-batch boundary) and truncation masks."""
     torch.manual_seed(0)
     model = load_pretrained(ckpt).train()
     twin = copy.deepcopy(model)
-    rolls = scripted_rollouts(8, truncated={6})
+    rolls = scripted_rollouts(8, seed=5, truncated={6}, share=2)
+    assert rolls[2].prompt_ids == rolls[3].prompt_ids != rolls[4].prompt_ids  # rows 2 | 3 split by micro_batch_size=3
+    assert [len(r.prompt_ids) for r in rolls[:3]] == [8, 8, 3]  # a micro-batch's shorter prompt is padded
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0, 2.0])
     lr = 0.05
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -109,7 +116,7 @@ def test_zero_advantage_sequences_are_skipped_but_still_normalise(ckpt):
     torch.manual_seed(0)
     model = load_pretrained(ckpt).train()
     twin = copy.deepcopy(model)
-    rolls = scripted_rollouts(8, seed=3)
+    rolls = scripted_rollouts(8, seed=3, share=4)
     rewards = torch.tensor([0.7, 0.7, 0.7, 0.7, 1.0, 0.0, 0.0, 1.0])  # 0.7·4/4 is not exact in fp32
     lr = 0.05
     opt = torch.optim.SGD(model.parameters(), lr=lr)

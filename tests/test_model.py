@@ -115,19 +115,30 @@ def test_prefill_then_absorbed_decode():
 
 @pytest.mark.parametrize("T", [1, 37, 64, 130])
 def test_blocked_causal_attention_matches_sdpa(T):
-    """The block-skipping causal attention (forward and its hand-written backward) == SDPA's."""
+    """The block-skipping causal attention (forward and its hand-written backward) == SDPA's:
+    square, and with the T queries at the end of S = T + 9 keys, some of them hidden per row by
+    a key bias (GRPO's shared-prompt update: a prompt's padding)."""
     from nanoseek.model.attention import CausalAttention
 
     g = torch.Generator().manual_seed(T)
-    q, k = (torch.randn(2, 3, T, 24, generator=g, dtype=torch.float64, requires_grad=True) for _ in "qk")
-    v = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    d_out = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64)
-    ours = CausalAttention.apply(q, k, v, 0.3, 32)
-    grads = torch.autograd.grad(ours, (q, k, v), d_out)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
-    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), d_out)):
-        torch.testing.assert_close(a, b)
-    torch.testing.assert_close(ours, ref)
+    for S, hide in ((T, None), (T + 9, [2, 0])):  # row 0 hides its last 2 prompt keys, row 1 none
+        q = torch.randn(2, 3, T, 24, generator=g, dtype=torch.float64, requires_grad=True)
+        k = torch.randn(2, 3, S, 24, generator=g, dtype=torch.float64, requires_grad=True)
+        v = torch.randn(2, 3, S, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        d_out = torch.randn(2, 3, T, 16, generator=g, dtype=torch.float64)
+        mask = torch.ones(T, S, dtype=torch.bool).tril(S - T).expand(2, 1, T, S).clone()
+        bias = None
+        if hide:
+            bias = torch.zeros(2, S, dtype=torch.float64)
+            for b, n in enumerate(hide):
+                bias[b, S - T - n:S - T] = float("-inf")
+                mask[b, :, :, S - T - n:S - T] = False
+        ours = CausalAttention.apply(q, k, v, 0.3, bias, 32)
+        grads = torch.autograd.grad(ours, (q, k, v), d_out)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+        for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), d_out)):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ours, ref)
 
 
 def test_yarn_softmax_scale_v3():

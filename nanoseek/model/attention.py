@@ -34,27 +34,34 @@ def stacked_linear(x: torch.Tensor, *layers: nn.Linear) -> torch.Tensor:
 
 
 class CausalAttention(torch.autograd.Function):
-    """softmax(q·kᵀ·scale + causal mask)·v for q, k (B, H, T, d_qk) and v (B, H, T, d_v).
+    """softmax(q·kᵀ·scale + mask)·v for q (B, H, T, d_qk), k (B, H, S, d_qk) and v (B, H, S, d_v),
+    S ≥ T: the T queries are the last T positions, so query i sees keys 0 … S − T + i; an
+    optional `key_bias` (B, S) of 0 / −inf also hides keys from every query of its row (a shared
+    prompt's padding, in GRPO's update).
 
     Queries go in blocks of `block` rows, each scored only against the keys up to its own last
-    row, so the all-masked upper-right of the T×T score matrix is never computed (5/8 of the
-    square is, at T = 4·block). The probabilities P are kept for backward, which is the textbook
+    row, so the all-masked upper-right of the score matrix is never computed (5/8 of the square
+    is, at T = S = 4·block). The probabilities P are kept for backward, which is the textbook
     one: dV = Pᵀ·dO, dS = P ⊙ (dO·Vᵀ − rowsum(dO ⊙ O))·scale, dQ = dS·K, dK = dSᵀ·Q.
     Written out because MLA's d_qk ≠ d_v keeps PyTorch's CPU SDPA on its unfused math path,
     which scores, masks and differentiates the whole square.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, scale: float, block: int = 64):
+    def forward(ctx, q, k, v, scale: float, key_bias: torch.Tensor | None = None, block: int = 64):
         B, H, T, _ = q.shape
-        q, k, v = (t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v))
+        S = k.shape[2]
+        q, k, v = (t.reshape(B * H, t.shape[2], t.shape[-1]) for t in (q, k, v))
         out, probs = q.new_empty(B * H, T, v.shape[-1]), []
         for i in range(0, T, block):
-            j = min(i + block, T)  # queries i..j-1 see keys 0..j-1
-            future = torch.ones(j - i, j, dtype=torch.bool, device=q.device).triu(i + 1)
-            mask = torch.zeros(j - i, j, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
-            p = torch.baddbmm(mask, q[:, i:j], k[:, :j].transpose(1, 2), alpha=scale).softmax(dim=-1)
-            torch.bmm(p, v[:, :j], out=out[:, i:j])
+            j = min(i + block, T)
+            e = S - T + j  # queries i..j-1 see keys 0..e-1
+            future = torch.ones(j - i, e, dtype=torch.bool, device=q.device).triu(S - T + i + 1)
+            mask = torch.zeros(j - i, e, dtype=q.dtype, device=q.device).masked_fill_(future, float("-inf"))
+            if key_bias is not None:
+                mask = (mask + key_bias[:, None, None, :e].to(q.dtype)).expand(B, H, j - i, e).reshape(B * H, j - i, e)
+            p = torch.baddbmm(mask, q[:, i:j], k[:, :e].transpose(1, 2), alpha=scale).softmax(dim=-1)
+            torch.bmm(p, v[:, :e], out=out[:, i:j])
             probs.append(p)
         ctx.save_for_backward(q, k, v, out, *probs)
         ctx.scale, ctx.block = scale, block
@@ -68,14 +75,29 @@ class CausalAttention(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         rowsum = (d_out * out).sum(-1, keepdim=True)
         for i, p in zip(range(0, q.shape[1], ctx.block), probs):
-            j = i + p.shape[1]
-            dv[:, :j] += torch.bmm(p.transpose(1, 2), d_out[:, i:j])  # (into a slice, bmm would go batch by batch)
-            ds = torch.baddbmm(rowsum[:, i:j], d_out[:, i:j], v[:, :j].transpose(1, 2), beta=-1).mul_(p)
-            torch.bmm(ds, k[:, :j], out=dq[:, i:j])
-            dk[:, :j].add_(torch.bmm(ds.transpose(1, 2), q[:, i:j]), alpha=ctx.scale)
+            j, e = i + p.shape[1], p.shape[2]
+            dv[:, :e] += torch.bmm(p.transpose(1, 2), d_out[:, i:j])  # (into a slice, bmm would go batch by batch)
+            ds = torch.baddbmm(rowsum[:, i:j], d_out[:, i:j], v[:, :e].transpose(1, 2), beta=-1).mul_(p)
+            torch.bmm(ds, k[:, :e], out=dq[:, i:j])
+            dk[:, :e].add_(torch.bmm(ds.transpose(1, 2), q[:, i:j]), alpha=ctx.scale)
         dq *= ctx.scale
         return (dq.view(*shape, *dq.shape[1:]), dk.view(*shape, *dk.shape[1:]),
-                dv.view(*shape, *dv.shape[1:]), None, None)
+                dv.view(*shape, *dv.shape[1:]), None, None, None)
+
+
+def causal_attention(q, k, v, scale: float, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of the T queries q (B, H, T, ·) at the last T of the S keys (B, H, S, ·),
+    `key_bias` (B, S) 0 / −inf hiding keys. CPU: the blocked CausalAttention above; CUDA: SDPA,
+    whose fused kernels handle d_qk ≠ d_v without storing the probabilities."""
+    if q.device.type == "cpu":
+        return CausalAttention.apply(q, k, v, scale, key_bias)
+    T, S = q.shape[2], k.shape[2]
+    if key_bias is None and S == T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if key_bias is not None:
+        mask = mask & (key_bias == 0)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class MLA(nn.Module):
@@ -131,10 +153,10 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(B, self.n_heads, S, self.dr)), dim=-1)
-        if mask is None and q.device.type == "cpu":  # SDPA's CPU kernels would take the math path
-            out = CausalAttention.apply(q, k, v, self.scale)
-        else:  # on CUDA SDPA's fused kernels handle d_qk ≠ d_v without storing the T×T probabilities
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        if mask is None:
+            out = causal_attention(q, k, v, self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return out.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.dv)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:

@@ -249,42 +249,53 @@ def make_sampler(kind: str, model, tok: Tokenizer, max_num_seqs: int, max_len: i
 
 
 # ---------------------------------------------------------------------- log-probs
-def batch_tensors(rollouts: list[Rollout], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded inputs (N, T), completion targets (N, C) and their lengths.
+@dataclass
+class RolloutBatch:
+    """Rollouts as the shared-prompt forward reads them: each distinct prompt once, right-padded
+    (U, Lp), with its length; each row's prompt index (N,); the completions right-padded (N, C)
+    with their lengths."""
+    prompts: torch.Tensor
+    prompt_lens: torch.Tensor
+    group: torch.Tensor
+    comp: torch.Tensor
+    lens: torch.Tensor
 
-    Completion token j of row i sits at position len(prompt_i) + j; its log-prob is read from
-    the hidden state at the position before it. A sequence's last token predicts nothing, so it
-    is not an input: T = the longest prompt + completion, minus one."""
-    T = max(1, max(len(r.prompt_ids) + len(r.ids) - 1 for r in rollouts))
-    C = max(1, max(len(r.ids) for r in rollouts))
-    ids = torch.full((len(rollouts), T), pad_id, dtype=torch.long)
-    comp = torch.full((len(rollouts), C), pad_id, dtype=torch.long)
-    lens = torch.zeros(len(rollouts), dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        seq = (r.prompt_ids + r.ids)[:T]
-        ids[i, :len(seq)] = torch.tensor(seq)
-        comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
-        lens[i] = len(r.ids)
-    return ids.to(device), comp.to(device), lens.to(device)
+    @classmethod
+    def of(cls, rollouts: list[Rollout], pad_id: int, device) -> "RolloutBatch":
+        index: dict[tuple[int, ...], int] = {}
+        group = [index.setdefault(tuple(r.prompt_ids), len(index)) for r in rollouts]
+        Lp, C = max(map(len, index)), max(1, max(len(r.ids) for r in rollouts))
+        prompts = torch.full((len(index), Lp), pad_id, dtype=torch.long)
+        for u, p in enumerate(index):
+            prompts[u, :len(p)] = torch.tensor(p)
+        comp = torch.full((len(rollouts), C), pad_id, dtype=torch.long)
+        for i, r in enumerate(rollouts):
+            comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        return cls(prompts.to(device), torch.tensor([len(p) for p in index], device=device),
+                   torch.tensor(group, device=device), comp.to(device),
+                   torch.tensor([len(r.ids) for r in rollouts], device=device))
 
 
-def completion_logprobs(model, ids: torch.Tensor, prompt_lens: torch.Tensor, comp: torch.Tensor,
-                        with_entropy: bool = False, temperature: float = 1.0):
+def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temperature: float = 1.0):
     """log π(completion token | prefix) for every completion slot, (N, C); optional entropy.
 
-    The final norm, lm_head and log-softmax run on the completion positions only (gathered
-    from the last hidden states), not on the prompt's and the padding's. The logits are divided
-    by the sampling temperature, as TRL does: the policy being optimised is the one the
-    rollouts were drawn from."""
-    h = model.hidden_states(ids)  # (N, T, D), causal
-    N, C = comp.shape
-    idx = (prompt_lens[:, None] - 1 + torch.arange(C, device=ids.device)[None]).clamp(max=ids.shape[1] - 1)
-    h = h.gather(1, idx[..., None].expand(N, C, h.shape[-1]))  # (N, C, D)
+    Each distinct prompt goes through the model once for its G completions
+    (`shared_prefix_hidden_states`). Completion token j of row i is predicted by the hidden state
+    before it: the prompt's last position for j = 0, the completion's position j − 1 after that
+    (a completion's last token predicts nothing, so it is not an input). The final norm, lm_head
+    and log-softmax run on those N·C positions only. The logits are divided by the sampling
+    temperature, as TRL does: the policy being optimised is the one the rollouts were drawn from."""
+    from ..model.shared_prefix import shared_prefix_hidden_states
+
+    C = b.comp.shape[1]
+    hp, hc = shared_prefix_hidden_states(model, b.prompts, b.prompt_lens, b.group, b.comp[:, :max(1, C - 1)])
+    first = hp[b.group, b.prompt_lens[b.group] - 1]  # (N, D): predicts completion token 0
+    h = torch.cat((first[:, None], hc[:, :C - 1]), 1)  # (N, C, D)
     logits = model.lm_head(model.norm(h)).float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     logp_all = logits.log_softmax(-1)
-    logp = logp_all.gather(-1, comp[..., None]).squeeze(-1)
+    logp = logp_all.gather(-1, b.comp[..., None]).squeeze(-1)
     if not with_entropy:
         return logp, None
     with torch.no_grad():
@@ -327,16 +338,16 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
         return stats
     sel = [r for r, k in zip(kept, live.tolist()) if k]
     adv = adv[live].to(device)
-    ids, comp, lens = batch_tensors(sel, pad_id, device)
-    plen = torch.tensor([len(r.prompt_ids) for r in sel], device=device)
-    C = comp.shape[1]
-    mask = (torch.arange(C, device=device)[None] < lens[:, None]).float()
-    if cfg.mask_truncated_completions:
-        trunc = torch.tensor([r.truncated for r in sel], device=device)
-        mask = mask * (~trunc).float()[:, None]
-    n_tok_live = float(mask.sum().clamp(min=1))
     mb = max(1, cfg.micro_batch_size)
     chunks = [slice(i, min(len(sel), i + mb)) for i in range(0, len(sel), mb)]
+    batches = [RolloutBatch.of(sel[c], pad_id, device) for c in chunks]
+    masks = []  # (n, C) per micro-batch: the completion tokens that count
+    for c, b in zip(chunks, batches):
+        m = (torch.arange(b.comp.shape[1], device=device)[None] < b.lens[:, None]).float()
+        if cfg.mask_truncated_completions:
+            m = m * (~torch.tensor([r.truncated for r in sel[c]], device=device)).float()[:, None]
+        masks.append(m)
+    n_tok_live = float(sum(float(m.sum()) for m in masks)) or 1.0
 
     T = cfg.temperature
     amp = autocast_dtype(cfg.dtype, device)  # the update's precision (the rollouts ran in the engine's)
@@ -345,9 +356,9 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
         with torch.no_grad(), autocast(amp, device):
             if cfg.num_iterations > 1:
                 model.eval()
-                old = torch.cat([completion_logprobs(model, ids[c], plen[c], comp[c], temperature=T)[0] for c in chunks])
+                old = [completion_logprobs(model, b, temperature=T)[0] for b in batches]
             if cfg.beta:
-                ref = torch.cat([completion_logprobs(ref_model, ids[c], plen[c], comp[c], temperature=T)[0] for c in chunks])
+                ref = [completion_logprobs(ref_model, b, temperature=T)[0] for b in batches]
     model.train()
     agg: dict[str, float] = {}
     ent_sum = 0.0
@@ -355,15 +366,15 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     debug_logp = []
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
-        for c in chunks:
+        for j, (c, b, m) in enumerate(zip(chunks, batches, masks)):
             with autocast(amp, device):
-                logp, ent = completion_logprobs(model, ids[c], plen[c], comp[c], with_entropy=(it == 0), temperature=T)
-            loss, st = grpo_loss(logp, None if old is None else old[c], None if ref is None else ref[c],
-                                 adv[c], mask[c], loss_type=cfg.loss_type, epsilon=cfg.epsilon,
+                logp, ent = completion_logprobs(model, b, with_entropy=(it == 0), temperature=T)
+            loss, st = grpo_loss(logp, None if old is None else old[j], None if ref is None else ref[j],
+                                 adv[c], m, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                                  max_completion_length=cfg.max_completion_length)
             n_c = c.stop - c.start
-            tok_c = float(mask[c].sum())
+            tok_c = float(m.sum())
             # each loss_type normalises over the whole batch: re-weight the micro-batch means
             w = tok_c / n_tok_total if cfg.loss_type == "dapo" else n_c / N
             (loss * w).backward()
@@ -371,15 +382,17 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
                 agg[k] = agg.get(k, 0.0) + v * tok_c / n_tok_live / cfg.num_iterations
             agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * w / cfg.num_iterations
             if it == 0:
-                ent_sum += float((ent * mask[c]).sum())
+                ent_sum += float((ent * m).sum())
                 debug_logp.append(logp.detach())
         gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         opt.step()
     stats.update(agg)
     stats["entropy"] = ent_sum / n_tok_live
     stats["grad_norm"] = gnorm
-    stats["debug"] = {"advantages": adv.cpu(), "mask": mask.cpu(), "logp": torch.cat(debug_logp).cpu(),
-                      "keep": keep.cpu()}
+    C = max(m.shape[1] for m in masks)  # micro-batches are padded to their own longest completion
+    stats["debug"] = {"advantages": adv.cpu(), "keep": keep.cpu(),
+                      "mask": torch.cat([F.pad(m, (0, C - m.shape[1])) for m in masks]).cpu(),
+                      "logp": torch.cat([F.pad(x, (0, C - x.shape[1])) for x in debug_logp]).cpu()}
     return stats
 
 
