@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_pretrained, save_pretrained
+from ..model.shared_prefix import SharedPrefixBatch, shared_prefix_hidden_states
 from ..tasks import get_task, r1_zero_prompt
 from ..tasks.rewards import load_reward, weighted
 from ..tokenizer import Tokenizer
@@ -251,46 +252,39 @@ def make_sampler(kind: str, model, tok: Tokenizer, max_num_seqs: int, max_len: i
 # ---------------------------------------------------------------------- log-probs
 @dataclass
 class RolloutBatch:
-    """Rollouts as the shared-prompt forward reads them: each distinct prompt once, right-padded
-    (U, Lp), with its length; each row's prompt index (N,); the completions right-padded (N, C)
-    with their lengths."""
-    prompts: torch.Tensor
-    prompt_lens: torch.Tensor
-    group: torch.Tensor
+    """Rollouts as the update's forward reads them: each distinct prompt once and every real
+    token once (`SharedPrefixBatch`: a completion's last token is no input, it predicts nothing),
+    the completions right-padded (N, C) as targets with their lengths, and for each target the
+    flat token whose hidden state predicts it (the prompt's last for slot 0; padding: 0)."""
+    flat: SharedPrefixBatch
     comp: torch.Tensor
     lens: torch.Tensor
+    source: torch.Tensor
 
     @classmethod
     def of(cls, rollouts: list[Rollout], pad_id: int, device) -> "RolloutBatch":
         index: dict[tuple[int, ...], int] = {}
         group = [index.setdefault(tuple(r.prompt_ids), len(index)) for r in rollouts]
-        Lp, C = max(map(len, index)), max(1, max(len(r.ids) for r in rollouts))
-        prompts = torch.full((len(index), Lp), pad_id, dtype=torch.long)
-        for u, p in enumerate(index):
-            prompts[u, :len(p)] = torch.tensor(p)
+        flat = SharedPrefixBatch.of([list(p) for p in index], [r.ids[:-1] for r in rollouts], group, device)
+        C = max(1, max(len(r.ids) for r in rollouts))
         comp = torch.full((len(rollouts), C), pad_id, dtype=torch.long)
         for i, r in enumerate(rollouts):
             comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
-        return cls(prompts.to(device), torch.tensor([len(p) for p in index], device=device),
-                   torch.tensor(group, device=device), comp.to(device),
-                   torch.tensor([len(r.ids) for r in rollouts], device=device))
+        source = torch.cat((flat.last[flat.group][:, None], flat.row_slots), 1)[:, :C]
+        if source.shape[1] < C:  # every completion is one token: no inputs, only the prompt's last state
+            source = F.pad(source, (0, C - source.shape[1]))
+        return cls(flat, comp.to(device), torch.tensor([len(r.ids) for r in rollouts], device=device), source)
 
 
 def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temperature: float = 1.0):
     """log π(completion token | prefix) for every completion slot, (N, C); optional entropy.
 
-    Each distinct prompt goes through the model once for its G completions
-    (`shared_prefix_hidden_states`). Completion token j of row i is predicted by the hidden state
-    before it: the prompt's last position for j = 0, the completion's position j − 1 after that
-    (a completion's last token predicts nothing, so it is not an input). The final norm, lm_head
-    and log-softmax run on those N·C positions only. The logits are divided by the sampling
-    temperature, as TRL does: the policy being optimised is the one the rollouts were drawn from."""
-    from ..model.shared_prefix import shared_prefix_hidden_states
-
-    C = b.comp.shape[1]
-    hp, hc = shared_prefix_hidden_states(model, b.prompts, b.prompt_lens, b.group, b.comp[:, :max(1, C - 1)])
-    first = hp[b.group, b.prompt_lens[b.group] - 1]  # (N, D): predicts completion token 0
-    h = torch.cat((first[:, None], hc[:, :C - 1]), 1)  # (N, C, D)
+    One forward of the batch's real tokens, each distinct prompt once
+    (`shared_prefix_hidden_states`); the final norm, lm_head and log-softmax then run on the
+    N·C hidden states that predict completion tokens only. The logits are divided by the
+    sampling temperature, as TRL does: the policy being optimised is the one the rollouts were
+    drawn from."""
+    h = shared_prefix_hidden_states(model, b.flat)[b.source]  # (N, C, D)
     logits = model.lm_head(model.norm(h)).float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
