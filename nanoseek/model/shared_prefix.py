@@ -92,14 +92,15 @@ def _attention(attn: MLA, x, cos, sin, b: SharedPrefixBatch) -> torch.Tensor:
     qkv = torch.cat((q_nope[0].transpose(0, 1), q_pe[0].transpose(0, 1), kv[..., :dn],
                      k_pe[0, :, None].expand(M, H, dr), kv[..., dn:]), -1)  # (M, H, 2·(dn+dr) + dv)
 
+    # (index_select, not qkv[slots]: its backward is an index_add_, advanced indexing's a slow index_put_)
     def block(slots):  # (B, T) flat indices → q, k, v (B, H, T, ·)
-        t = qkv[slots].transpose(1, 2)
+        t = qkv.index_select(0, slots.flatten()).unflatten(0, slots.shape).transpose(1, 2)
         return t.split([dn + dr, dn + dr, dv], -1)
 
     qp, kp, vp = block(b.prompt_slots)
     qc, kc, vc = block(b.row_slots)
     op = causal_attention(qp, kp, vp, attn.scale)
-    oc = causal_attention(qc, torch.cat((kp[b.group], kc), 2), torch.cat((vp[b.group], vc), 2), attn.scale,
-                          b.key_bias)
+    kg, vg = kp.index_select(0, b.group), vp.index_select(0, b.group)
+    oc = causal_attention(qc, torch.cat((kg, kc), 2), torch.cat((vg, vc), 2), attn.scale, b.key_bias)
     out = torch.cat((op.transpose(1, 2).reshape(-1, H * dv), oc.transpose(1, 2).reshape(-1, H * dv)))
-    return attn.o_proj(out[b.unpad])[None]
+    return attn.o_proj(out.index_select(0, b.unpad))[None]

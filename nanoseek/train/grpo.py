@@ -284,7 +284,7 @@ def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temp
     N·C hidden states that predict completion tokens only. The logits are divided by the
     sampling temperature, as TRL does: the policy being optimised is the one the rollouts were
     drawn from."""
-    h = shared_prefix_hidden_states(model, b.flat)[b.source]  # (N, C, D)
+    h = shared_prefix_hidden_states(model, b.flat).index_select(0, b.source.flatten()).unflatten(0, b.source.shape)
     logits = model.lm_head(model.norm(h)).float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
