@@ -50,3 +50,19 @@ def test_draws_follow_the_distribution_and_depend_only_on_seed_and_step():
     rows = torch.randn(8, 6, generator=torch.Generator().manual_seed(3))
     alone = [draw(rows[i:i + 1], states([i], [7]))[0].item() for i in range(8)]
     assert draw(rows, states(range(8), [7] * 8)).tolist() == alone
+
+
+def test_any_api_seed_samples():
+    """The API accepts seeds in [−2⁶³, 2⁶³); the random stream reads their low 32 bits."""
+    logits = torch.randn(1, 50, generator=torch.Generator().manual_seed(0))
+
+    def stream(seed):
+        st = SamplerState(SamplingParams(seed=seed), [], 50, "cpu")
+        out = []
+        for _ in range(20):
+            out += sample(logits, [st])[0]
+            st.observe(out[-1])
+        return out
+
+    assert stream(-5) == stream(2**32 - 5) != stream(2**63 - 1)
+    assert stream(-(2**63)) == stream(0)

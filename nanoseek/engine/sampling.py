@@ -134,7 +134,8 @@ def uniforms(seeds: list[int], counters: list[int]) -> torch.Tensor:
     with 53 random bits (two hash words), so a token's probability is resolved to ~1e-16.
     (numpy: a few dozen numbers, hashed in microseconds; a dozen tiny torch ops took 0.2 ms.)"""
     with np.errstate(over="ignore"):
-        key = _mix32(_mix32(np.array(seeds, dtype=np.uint64).astype(np.uint32)) + np.array(counters, dtype=np.uint32))
+        seed32 = np.array([s & 0xFFFFFFFF for s in seeds], dtype=np.uint32)  # any Python int, negative too
+        key = _mix32(_mix32(seed32) + np.array(counters, dtype=np.uint32))
         lo = _mix32(key ^ np.uint32(0x5BD1E995))
     bits = (key.astype(np.uint64) >> np.uint64(6)) << np.uint64(27) | (lo >> np.uint32(5)).astype(np.uint64)
     return torch.from_numpy((bits.astype(np.float64) + 0.5) * 2.0**-53)  # never 0 or 1
