@@ -135,7 +135,7 @@ def stage_grpo(demo: Demo) -> None:
         grpo(GRPOConfig(ckpt=str(demo.latest), task="arithmetic", task_args=GRPO_TASK, out=str(out),
                         max_steps=1000, max_minutes=19, prompts_per_step=16, num_generations=8,
                         max_completion_length=80, learning_rate=3e-5, temperature=1.0, epsilon_high=0.28,
-                        reward_weights=[1.0, 0.2], eval_steps=10, threads=2))
+                        reward_weights=[1.0, 0.2], eval_steps=10, threads=2, resume=True))
     demo.checkpoints["grpo"] = out / "model"
     _task_eval(demo.checkpoints["grpo"], "after GRPO")
     print(f"reward/accuracy plot: {out / 'grpo.png'}; per-step metrics: {out / 'metrics.jsonl'}")

@@ -28,6 +28,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -80,7 +81,11 @@ class GRPOConfig:
     eval_problems: int = 200
     eval_temperature: float = field(default=0.0, metadata={"help": "pinned eval sampling (0 = greedy)"})
     eval_seed: int = 1234
-    save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: end only)"})
+    save_steps: int = field(default=50, metadata={"help": "resumable checkpoint every N steps in RUN/checkpoints "
+                                                  "(0: only RUN/model at the end)"})
+    keep_last: int = field(default=2, metadata={"help": "periodic checkpoints kept"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out: weights, "
+                                                  "optimizer, step, random state, metrics"})
     seed: int = 0
     device: str = "auto"
     dtype: str = field(default="auto", metadata={"help": "autocast dtype of the update's forward/backward, as in "
@@ -446,21 +451,36 @@ def grpo(cfg: GRPOConfig) -> Path:
           f"({'reference model' if ref_model is not None else 'no reference model'}) on {device}")
 
     metrics_path = run / "metrics.jsonl"
-    log = metrics_path.open("w")
+    start, elapsed = 0, 0.0
     history: list[dict] = []
+    if cfg.resume:
+        start, elapsed, history = resume(run, model, opt, ref_model, rng)
+    log = metrics_path.open("w")
 
     def emit(rec: dict) -> None:
         history.append(rec)
         log.write(json.dumps(rec) + "\n")
         log.flush()
 
-    ev = evaluate(sampler, heldout, tok, cfg, task)
-    emit({"step": 0, "elapsed_s": 0.0, **ev})
-    print(f"grpo eval step 0: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}", flush=True)
-    t_start = time.time()
-    step = 0
-    for step in range(1, cfg.max_steps + 1):
-        if cfg.max_minutes and time.time() - t_start > cfg.max_minutes * 60:
+    for rec in history:  # what the resumed run had logged up to its checkpoint
+        log.write(json.dumps(rec) + "\n")
+    if not start:
+        ev = evaluate(sampler, heldout, tok, cfg, task)
+        emit({"step": 0, "elapsed_s": 0.0, **ev})
+        print(f"grpo eval step 0: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}", flush=True)
+    t_start = time.time() - elapsed  # elapsed_s counts on across a resume; --max-minutes is per invocation
+    t_run = time.time()
+
+    def checkpoint(path: Path) -> Path:
+        state = {"step": step, "elapsed_s": time.time() - t_start, "optimizer": opt.state_dict(),
+                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
+                 "reference": None if ref_model is None else ref_model.state_dict()}
+        return save_pretrained(model.eval(), path, extra={"tokenizer": lambda d: tok.save(d),
+                                                          STATE_FILE: lambda d: torch.save(state, d / STATE_FILE)})
+
+    step = start
+    for step in range(start + 1, cfg.max_steps + 1):
+        if cfg.max_minutes and time.time() - t_run > cfg.max_minutes * 60:
             print(f"grpo: time limit {cfg.max_minutes} min reached at step {step - 1}")
             step -= 1
             break
@@ -503,22 +523,52 @@ def grpo(cfg: GRPOConfig) -> Path:
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_steps:
             rec.update(evaluate(sampler, heldout, tok, cfg, task))
         emit(rec)
-        print(f"grpo step {step}: reward {rec['reward']:.3f} acc {rec['accuracy']:.3f} "
+        acc = "" if rec["accuracy"] is None else f" acc {rec['accuracy']:.3f}"  # custom rewards may have none
+        print(f"grpo step {step}: reward {rec['reward']:.3f}{acc} "
               f"fmt {rec.get('rewards/format', float('nan')):.3f} zero_std {rec['frac_reward_zero_std']:.2f} "
               f"len {rec['completions/mean_length']:.0f} kl {rec.get('kl', 0):.4f} "
               f"ent {rec.get('entropy', float('nan')):.3f} {rec['tokens_per_s']} tok/s"
               + (f" | eval acc {rec['eval_accuracy']:.3f} fmt {rec['eval_format']:.3f}" if "eval_accuracy" in rec else ""),
               flush=True)
         if cfg.save_steps and step % cfg.save_steps == 0:
-            save_pretrained(model.eval(), run / "model", extra={"tokenizer": lambda d: tok.save(d)})
+            checkpoint(run / "checkpoints" / f"step_{step:06d}")
+            for old in sorted((run / "checkpoints").glob("step_*"))[:-max(1, cfg.keep_last)]:
+                shutil.rmtree(old, ignore_errors=True)
     ev = evaluate(sampler, heldout, tok, cfg, task)
     emit({"step": step, "elapsed_s": round(time.time() - t_start, 1), **ev})
     print(f"grpo eval step {step}: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}")
     log.close()
-    out = save_pretrained(model.eval(), run / "model", extra={"tokenizer": lambda d: tok.save(d)})
+    out = checkpoint(run / "model")
     plot(history, run / "grpo.png", title=f"GRPO {cfg.task} {cfg.task_args} ({cfg.template})")
     print(f"grpo: saved {out}, metrics {metrics_path}, plot {run / 'grpo.png'}")
     return out
+
+
+STATE_FILE = "grpo_state.pt"
+
+
+def resume(run: Path, model, opt, ref_model, rng: random.Random) -> tuple[int, float, list[dict]]:
+    """Restore the newest checkpoint of `run` (RUN/checkpoints/step_*, or RUN/model of a finished
+    run) into the live objects → (its step, its elapsed seconds, the metrics logged up to it).
+    Nothing to resume from is a fresh start, said aloud."""
+    found = [(torch.load(d / STATE_FILE, map_location="cpu", weights_only=False), d)
+             for d in [*(run / "checkpoints").glob("step_*"), run / "model"] if (d / STATE_FILE).is_file()]
+    if not found:
+        print(f"grpo --resume: no checkpoint in {run}, starting fresh", flush=True)
+        return 0, 0.0, []
+    state, path = max(found, key=lambda f: f[0]["step"])
+    dev = next(model.parameters()).device
+    model.load_state_dict(load_pretrained(path, device=dev).state_dict())
+    opt.load_state_dict(state["optimizer"])
+    if ref_model is not None and state["reference"] is not None:
+        ref_model.load_state_dict(state["reference"])
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    step = int(state["step"])
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
+    print(f"grpo: resumed from {path} at step {step}", flush=True)
+    return step, float(state["elapsed_s"]), [r for r in rows if r["step"] <= step]
 
 
 def plot(history: list[dict], path: Path, title: str = "GRPO") -> Path:
