@@ -236,3 +236,5 @@ def test_grpo_resume_continues_exactly(ckpt, tmp_path):
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     assert [d.name for d in (tmp_path / "split" / "checkpoints").iterdir()] == ["step_000004"]  # keep_last=1
+    with pytest.raises(FileExistsError, match="--resume"):  # a fresh run would mix with the old checkpoints
+        grpo(GRPOConfig(out=str(tmp_path / "split"), max_steps=4, **kw))

@@ -433,6 +433,9 @@ def grpo(cfg: GRPOConfig) -> Path:
     model = load_pretrained(ckpt, device=device)
     task = get_task(cfg.task, **cfg.task_args)
     run = Path(cfg.out)
+    if not cfg.resume and any((run / "checkpoints").glob("step_*")):
+        raise FileExistsError(f"{run / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to "
+                              "continue it, or choose another --out")
     save_run_config(cfg, run, "grpo_config.json")
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
     reward_fn = weighted({name: (load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)})
