@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = cls(**values)
         fn(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
