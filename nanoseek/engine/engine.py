@@ -119,6 +119,7 @@ class Engine:
         self._aborted: list[StreamEvent] = []
         self._arange_bs = torch.arange(block_size, device=self.device)
         self._fast = FastDecoder(model)
+        self.prefill_tokens = 0  # prompt tokens computed (prefix-cache hits and copied chunks excluded)
         self.decode_waste = 1.5  # decode rows share one attention call while padding ≤ 50%
         self.prefill_waste = 1.25  # prefill chunks share one forward while padding ≤ 25%
 
@@ -146,8 +147,7 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        s = self.scheduler
-        return {"prefill_tokens": s.prefill_tokens, "preemptions": s.num_preempted}
+        return {"prefill_tokens": self.prefill_tokens, "preemptions": self.scheduler.num_preempted}
 
     def update_weights(self) -> None:
         """Call after changing the model's weights in place (e.g. between GRPO steps): the decode
@@ -249,6 +249,7 @@ class Engine:
         rows: list[torch.Tensor] = []
         ready: list[Request] = []
         unique, copies = self._dedupe(batch.prefill)
+        self.prefill_tokens += sum(n for _, n in unique)
         groups = self._pad_groups(unique, self.prefill_waste)
         fits = [self._fast_fits(g) for g in groups]
         fast = [g for g, f in zip(groups, fits) if f]
@@ -263,20 +264,20 @@ class Engine:
             if any(done):
                 rows.append(h[torch.tensor(done, device=self.device)])
                 ready += [r for r, d in zip(reqs, done) if d]
+        h = torch.cat(rows) if len(rows) > 1 else (rows[0] if rows else None)
         if copies:  # identical chunks: their latents copied, their next token read from the same row
             self._copy_latents(copies)
-            self.scheduler.prefill_tokens -= sum(n for _, n, _ in copies)  # planned, but not computed
             at = {id(r): i for i, r in enumerate(ready)}
             twins = [(r, at[id(src)]) for r, _, src in copies if id(src) in at]
             if twins:
-                rows.append(torch.cat(rows)[[i for _, i in twins]])
+                h = torch.cat((h, h[[i for _, i in twins]]))
                 ready += [r for r, _ in twins]
         for r, n in [(r, 1) for r in batch.decode] + batch.prefill:
             r.num_computed += n
             self.scheduler.register_full_blocks(r)
         if not ready:
             return events
-        logits = self._fast.logits(torch.cat(rows) if len(rows) > 1 else rows[0])
+        logits = self._fast.logits(h)
         tokens, lps = sample(logits, [r.sampler for r in ready])
         for r, tok, lp in zip(ready, tokens, lps):
             events.append(self._accept(r, tok, lp))

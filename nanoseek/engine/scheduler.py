@@ -63,7 +63,6 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preempted = 0
-        self.prefill_tokens = 0  # tokens actually computed by prefill (prefix hits excluded)
 
     # -------------------------------------------------------------- blocks
     def _blocks_needed(self, r: Request, n: int) -> int:
@@ -142,7 +141,6 @@ class Scheduler:
             self._grow(r, n)
             prefill.append((r, n))
             budget -= n
-        self.prefill_tokens += sum(n for _, n in prefill)
         return Batch(decode, prefill), stuck
 
     def register_full_blocks(self, r: Request) -> None:
