@@ -133,10 +133,9 @@ def uniforms(seeds: list[int], counters: list[int]) -> torch.Tensor:
     """Seeds and draw counters → (n,) fp64 uniforms in (0, 1), a pure function of (seed, counter)
     with 53 random bits (two hash words), so a token's probability is resolved to ~1e-16.
     (numpy: a few dozen numbers, hashed in microseconds; a dozen tiny torch ops took 0.2 ms.)"""
-    with np.errstate(over="ignore"):
-        seed32 = np.array([s & 0xFFFFFFFF for s in seeds], dtype=np.uint32)  # any Python int, negative too
-        key = _mix32(_mix32(seed32) + np.array(counters, dtype=np.uint32))
-        lo = _mix32(key ^ np.uint32(0x5BD1E995))
+    seed32 = np.array([s & 0xFFFFFFFF for s in seeds], dtype=np.uint32)  # any Python int, negative too
+    key = _mix32(_mix32(seed32) + np.array(counters, dtype=np.uint32))  # (array arithmetic wraps silently)
+    lo = _mix32(key ^ np.uint32(0x5BD1E995))
     bits = (key.astype(np.uint64) >> np.uint64(6)) << np.uint64(27) | (lo >> np.uint32(5)).astype(np.uint64)
     return torch.from_numpy((bits.astype(np.float64) + 0.5) * 2.0**-53)  # never 0 or 1
 

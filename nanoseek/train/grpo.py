@@ -275,9 +275,8 @@ class RolloutBatch:
         comp = torch.full((len(rollouts), C), pad_id, dtype=torch.long)
         for i, r in enumerate(rollouts):
             comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        # row_slots is max(1, C − 1) wide, so there are always ≥ C columns to keep
         source = torch.cat((flat.last[flat.group][:, None], flat.row_slots), 1)[:, :C]
-        if source.shape[1] < C:  # every completion is one token: no inputs, only the prompt's last state
-            source = F.pad(source, (0, C - source.shape[1]))
         return cls(flat, comp.to(device), torch.tensor([len(r.ids) for r in rollouts], device=device), source)
 
 
