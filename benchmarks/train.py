@@ -30,11 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import nanoseek  # noqa: E402
 from nanoseek.checkpoint import save_pretrained  # noqa: E402
+from nanoseek.train.loop import autocast  # noqa: E402
 
 
 def step_time(fn, params, amp: torch.dtype | None, x, y) -> float:
     t = time.perf_counter()
-    with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+    with autocast(amp, torch.device("cpu")):
         loss = fn(x, y)
     loss.backward()
     dt = time.perf_counter() - t

@@ -193,12 +193,13 @@ class SimpleSampler:
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = (logits.float() / temperature).softmax(-1)
-    if top_p < 1.0:
-        sp, si = probs.sort(-1, descending=True)
-        keep = sp.cumsum(-1) - sp < top_p
-        probs = torch.zeros_like(probs).scatter(-1, si, sp * keep)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+    z = logits.float() / temperature
+    if top_p < 1.0:  # the engine's nucleus filter (top-k off), then one draw from this sampler's generator
+        from ..engine.sampling import filter_top_k_top_p
+
+        no_k = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
+        z = filter_top_k_top_p(z, no_k, torch.full(no_k.shape, top_p, device=z.device))
+    return torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
 class EngineSampler:
