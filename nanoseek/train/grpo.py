@@ -346,7 +346,8 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
         if cfg.mask_truncated_completions:
             m = m * (~torch.tensor([r.truncated for r in sel[c]], device=device)).float()[:, None]
         masks.append(m)
-    n_tok_live = float(sum(float(m.sum()) for m in masks)) or 1.0
+    toks = [float(m.sum()) for m in masks]  # tokens that count, per micro-batch
+    n_tok_live = sum(toks) or 1.0
 
     T = cfg.temperature
     amp = autocast_dtype(cfg.dtype, device)  # the update's precision (the rollouts ran in the engine's)
@@ -365,7 +366,7 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     debug_logp = []
     for it in range(cfg.num_iterations):
         opt.zero_grad(set_to_none=True)
-        for j, (c, b, m) in enumerate(zip(chunks, batches, masks)):
+        for j, (c, b, m, tok_c) in enumerate(zip(chunks, batches, masks, toks)):
             with autocast(amp, device):
                 logp, ent = completion_logprobs(model, b, with_entropy=(it == 0), temperature=T)
             loss, st = grpo_loss(logp, None if old is None else old[j], None if ref is None else ref[j],
@@ -373,7 +374,6 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                                  max_completion_length=cfg.max_completion_length)
             n_c = c.stop - c.start
-            tok_c = float(m.sum())
             # each loss_type normalises over the whole batch: re-weight the micro-batch means
             w = tok_c / n_tok_total if cfg.loss_type == "dapo" else n_c / N
             (loss * w).backward()
@@ -554,12 +554,15 @@ def resume(run: Path, model, opt, ref_model, rng: random.Random) -> tuple[int, f
     """Restore the newest checkpoint of `run` (RUN/checkpoints/step_*, or RUN/model of a finished
     run) into the live objects → (its step, its elapsed seconds, the metrics logged up to it).
     Nothing to resume from is a fresh start, said aloud."""
-    found = [(torch.load(d / STATE_FILE, map_location="cpu", weights_only=False), d)
-             for d in [*(run / "checkpoints").glob("step_*"), run / "model"] if (d / STATE_FILE).is_file()]
+    def saved_step(d: Path) -> int:  # mmap: the step without reading the optimizer state
+        return int(torch.load(d / STATE_FILE, map_location="cpu", mmap=True, weights_only=False)["step"])
+
+    found = [d for d in [*(run / "checkpoints").glob("step_*"), run / "model"] if (d / STATE_FILE).is_file()]
     if not found:
         print(f"grpo --resume: no checkpoint in {run}, starting fresh", flush=True)
         return 0, 0.0, []
-    state, path = max(found, key=lambda f: f[0]["step"])
+    path = max(found, key=saved_step)
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     dev = next(model.parameters()).device
     model.load_state_dict(load_pretrained(path, device=dev).state_dict())
     opt.load_state_dict(state["optimizer"])
