@@ -18,10 +18,13 @@ Chat format (the project-wide contract)::
 
 An assistant message with ``reasoning_content`` renders its content as
 ``<think>\\n{reasoning}\\n</think>\\n{content}``. No other whitespace is added.
+Message text is plain text: a "<|assistant|>" typed into a message is those characters, never a
+control id (render_chat encodes only the template's own tags as special tokens).
 
 The same format is saved as a Jinja ``chat_template`` so that
 ``transformers.AutoTokenizer.from_pretrained(dir).apply_chat_template`` gives
-exactly the ids of :meth:`Tokenizer.render_chat`.
+exactly the ids of :meth:`Tokenizer.render_chat` for messages free of special-token strings
+(transformers' tokenizer would read those as control tokens; render_chat does not).
 """
 
 from __future__ import annotations
@@ -72,14 +75,11 @@ def _build_backend() -> _HFTokenizer:
     return tok
 
 
-def _assistant_text(m: dict) -> str:
+def _reasoning(m: dict) -> str | None:
     reasoning = m.get("reasoning_content")
-    body = _content(m)
-    if reasoning is not None:
-        if not isinstance(reasoning, str):
-            raise ValueError(f"chat message field 'reasoning_content' must be a string, got {type(reasoning).__name__}")
-        body = f"{THINK}\n{reasoning}\n{END_THINK}\n{body}"
-    return body + EOS
+    if reasoning is not None and not isinstance(reasoning, str):
+        raise ValueError(f"chat message field 'reasoning_content' must be a string, got {type(reasoning).__name__}")
+    return reasoning
 
 
 def _content(m: dict) -> str:
@@ -194,42 +194,63 @@ class Tokenizer:
 
     # ------------------------------------------------------------------- chat
     def _chat_segments(self, messages, add_generation_prompt, think):
-        """Yield (text, is_assistant) pieces whose borders fall on special tokens.
+        """Yield (piece, is_assistant, is_control): the template's control tokens one by one,
+        and the text between them (message text plus the template's own newlines).
 
-        Because HF tokenizers split on special tokens before BPE, encoding the
-        pieces one by one gives the same ids as encoding the joined text: this
-        is what lets the loss mask line up with apply_chat_template's ids.
+        Only the template emits control ids: a message's text is encoded as plain text, so a
+        user who types "<|assistant|>" or "<think>" gets those characters, not a forged turn or
+        a fake reasoning trace (as DeepSeek's and transformers' templates treat message text).
+        Because HF tokenizers split on special tokens before BPE, the text runs between the
+        control tokens are exactly the runs the joined text would be encoded in: for text free
+        of special-token strings the ids equal apply_chat_template's.
         """
-        yield BOS, False
+        yield BOS, False, True
         for m in messages:
             role = m.get("role") if isinstance(m, dict) else None
             if role == "system":
-                yield SYSTEM + _content(m), False
+                yield SYSTEM, False, True
+                yield _content(m), False, False
             elif role == "user":
-                yield USER + _content(m), False
+                yield USER, False, True
+                yield _content(m), False, False
             elif role == "assistant":
-                yield ASSISTANT, False
-                yield _assistant_text(m), True
+                yield ASSISTANT, False, True
+                reasoning, body = _reasoning(m), _content(m)
+                if reasoning is not None:
+                    yield THINK, True, True
+                    yield f"\n{reasoning}\n", True, False
+                    yield END_THINK, True, True
+                    body = "\n" + body
+                yield body, True, False
+                yield EOS, True, True
             else:
                 raise ValueError(f"unknown chat role {role!r} in message {m!r} (expected system/user/assistant)")
         if add_generation_prompt:
-            yield ASSISTANT + (f"{THINK}\n" if think else ""), False
+            yield ASSISTANT, False, True
+            if think:
+                yield THINK, False, True
+                yield "\n", False, False
 
     def render_chat_text(self, messages, add_generation_prompt: bool = False, think: bool = False) -> str:
-        return "".join(t for t, _ in self._chat_segments(messages, add_generation_prompt, think))
+        return "".join(t for t, _, _ in self._chat_segments(messages, add_generation_prompt, think))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
                     think: bool = False) -> tuple[list[int], list[int]]:
         """Return (ids, loss_mask): mask is 1 exactly on assistant-written tokens.
 
-        That is the assistant content, its think trace and its closing <|eos|>
-        (so the model learns to stop); the <|assistant|> tag itself, system and
-        user turns and the generation prompt are 0.
+        That is the assistant content, its think trace and its closing <|eos|> (so the model
+        learns to stop); the <|assistant|> tag itself, system and user turns and the generation
+        prompt are 0. Message text is plain text: only the template emits control ids.
         """
         ids: list[int] = []
         mask: list[int] = []
-        for text, trained in self._chat_segments(messages, add_generation_prompt, think):
-            piece = self.encode(text)
+        for text, trained, control in self._chat_segments(messages, add_generation_prompt, think):
+            if control:
+                piece = [self._tok.token_to_id(text)]
+            elif text:
+                piece = self.encode(text, allow_special=False)
+            else:
+                continue
             ids += piece
             mask += [int(trained)] * len(piece)
         return ids, mask
