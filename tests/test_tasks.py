@@ -16,18 +16,21 @@ from nanoseek.tasks.countdown import safe_eval, verify
 # ---- arithmetic traces ------------------------------------------------------------------
 
 def test_column_traces_by_hand():
-    # 37+45: 7+5=12 write 2 carry 1; 3+4+1=8 → 82
-    assert add_trace(37, 45) == "7+5=12 carry 1. 3+4+1=8. 37+45=82."
-    # 95+17: last column's carry becomes the leading digit, so it is not named
-    assert add_trace(95, 17) == "5+7=12 carry 1. 9+1+1=11. 95+17=112."
-    assert add_trace(123, 45) == "3+5=8. 2+4=6. 1+0=1. 123+45=168."
+    # 37+45: what is left of the operands, the column, the answer so far; 7+5=12 → 2 carry 1
+    assert add_trace(37, 45) == "37+45: 7+5=12, 2 carry 1. 3+4: 3+4+1=8, 82. 37+45=82."
+    # 95+17: the last column's carry becomes the leading digit, so it is not named
+    assert add_trace(95, 17) == "95+17: 5+7=12, 2 carry 1. 9+1: 9+1+1=11, 112. 95+17=112."
+    # an exhausted operand is restated as 0; a zero column digit stays in the answer so far
+    assert add_trace(123, 45) == "123+45: 3+5=8, 8. 12+4: 2+4=6, 68. 1+0: 1+0=1, 168. 123+45=168."
+    assert add_trace(999, 1) == ("999+1: 9+1=10, 0 carry 1. 99+0: 9+0+1=10, 00 carry 1. "
+                                 "9+0: 9+0+1=10, 1000. 999+1=1000.")
     assert add_trace(6, 2) == "6+2=8."
     # 52-17: 2<7 so borrow: 12-7=5; 5-1-1=3 → 35
     assert sub_trace(52, 17) == "2-7+10=5 borrow 1. 5-1-1=3. 52-17=35."
     assert sub_trace(105, 98) == "5-8+10=7 borrow 1. 0-9-1+10=0 borrow 1. 1-0-1=0. 105-98=7."
     assert mul_trace(37, 4)[0] == "7*4=28 carry 2. 3*4+2=14. 37*4=148."
     text, steps = mul_trace(37, 45)  # 37*5=185, 37*40=1480, 185+1480=1665
-    assert text.startswith("37*5=185. 37*40=1480. ") and text.endswith("185+1480=1665. 37*45=1665.")
+    assert text.startswith("37*5=185. 37*40=1480. ") and text.endswith("1665. 185+1480=1665. 37*45=1665.")
     assert (185, "+", 1480) in steps
 
 

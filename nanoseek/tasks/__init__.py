@@ -44,7 +44,7 @@ def builtin_corpus(name: str, n_docs: int | None, seed: int, **knobs: float) -> 
     """Plain-text pretraining documents (n_docs=None: an endless stream), seeded.
 
     'arith': 4-8 worked problems per document in the format
-    'Q: 37+45\\nA: 7+5=12 carry 1. 3+4+1=8. 37+45=82.\\n#### 82\\n'; with chat > 0 some documents
+    'Q: 37+45\\nA: 37+45: 7+5=12, 2 carry 1. 3+4: 3+4+1=8, 82. 37+45=82.\\n#### 82\\n'; with chat > 0 some documents
     are User/Assistant exchanges instead (see `arithmetic.corpus_documents`); never contains a
     test-split arithmetic problem (see `tasks.arithmetic`). Evaluate a base model with
     `pretrain_prompt(problem)` and `parse_pretrain_answer(continuation)`.

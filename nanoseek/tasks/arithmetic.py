@@ -3,12 +3,14 @@
 Why column traces: a 1-5M parameter model cannot add 37+45 "in its head", but it can learn
 the school algorithm one digit at a time if every step is written out, right to left:
 
-    37+45   →  7+5=12 carry 1. 3+4+1=8. 37+45=82.
+    37+45   →  37+45: 7+5=12, 2 carry 1. 3+4: 3+4+1=8, 82. 37+45=82.
     52-17   →  2-7+10=5 borrow 1. 5-1-1=3. 52-17=35.
     37*4    →  7*4=28 carry 2. 3*4+2=14 carry 1. 37*4=148.
 
-Each line ends by restating the whole step (`37+45=82.`), so a chain like 12+34*5 reads as one
-line per binary step (multiplication first, then + and - left to right).
+Addition restates what is left of the operands before each column and carries the answer so
+far along (`add_trace` says why). Each line ends by restating the whole step (`37+45=82.`),
+so a chain like 12+34*5 reads as one line per binary step (multiplication first, then + and -
+left to right).
 
 Held-out split: every binary step a trace states (not the single-digit column facts, which
 are the algorithm's alphabet) has a canonical key (`37+45`, operands sorted for + and *).
@@ -40,15 +42,30 @@ def step_key(a: int, op: str, b: int) -> str:
 
 
 def add_trace(a: int, b: int) -> str:
-    """Column addition, right to left; a carry is named when a next column takes it."""
+    """Column addition, right to left, written so that every digit the next token needs sits
+    at the end of something just written:
+
+        904+399: 4+9=13, 3 carry 1. 90+39: 0+9+1=10, 03 carry 1. 9+3: 9+3+1=13, 1303. 904+399=1303.
+
+    Each column starts by restating what is left of the operands (an exhausted one is 0), so
+    the column's digits are the last digits of the two numbers just written; it ends with the
+    answer so far (this column's digit in front of the previous answer), so the result is a
+    copy, not a re-assembly of digits scattered over the trace. A small model learns local
+    copies reliably; reading the k-th digit of an operand from the question, or the units of
+    every column sum in reverse order, is a positional lookup it learns only on some
+    trajectories (docs/pretraining.md, "Why the recipe holds").
+    """
     if a < 10 and b < 10:
         return f"{a}+{b}={a + b}."  # a column fact needs no working
     w = max(len(str(a)), len(str(b)))
-    parts, carry = [], 0
-    for i, (x, y) in enumerate(zip(_rdigits(a, w), _rdigits(b, w))):
-        s = x + y + carry
-        parts.append(f"{x}+{y}" + (f"+{carry}" if carry else "") + f"={s}"
-                     + (" carry 1" if s >= 10 and i < w - 1 else ""))
+    parts, carry, so_far = [], 0, ""
+    for i in range(w):
+        x, y = a // 10**i, b // 10**i  # what is left of each operand
+        s = x % 10 + y % 10 + carry
+        last = i == w - 1
+        so_far = (str(s) if last else str(s % 10)) + so_far  # the last column writes its carry too
+        parts.append(f"{x}+{y}: {x % 10}+{y % 10}" + (f"+{carry}" if carry else "") + f"={s}, {so_far}"
+                     + (" carry 1" if s >= 10 and not last else ""))
         carry = s // 10
     parts.append(f"{a}+{b}={a + b}")
     return ". ".join(parts) + "."
@@ -239,7 +256,7 @@ class ArithmeticTask:
 
 def pretrain_text(p: Problem) -> str:
     """The corpus format of one worked problem, e.g.
-    'Q: 37+45\\nA: 7+5=12 carry 1. 3+4+1=8. 37+45=82.\\n#### 82\\n'."""
+    'Q: 37+45\\nA: 37+45: 7+5=12, 2 carry 1. 3+4: 3+4+1=8, 82. 37+45=82.\\n#### 82\\n'."""
     return f"{pretrain_prompt(p)} {p.solution}\n#### {p.answer}\n"
 
 
