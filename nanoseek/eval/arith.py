@@ -44,7 +44,7 @@ def _complete(text: str) -> bool:
 
 @torch.no_grad()
 def addition_accuracy(model, tokenizer, n: int = 200, digits: int = 3, seed: int = 0,
-                      batch_size: int = 64, max_new_tokens: int = 72, device="cpu",
+                      batch_size: int = 64, max_new_tokens: int = 128, device="cpu",
                       return_samples: int = 0) -> dict:
     """Fraction of `n` held-out `digits`-digit two-number additions answered correctly.
 
