@@ -4,6 +4,8 @@ One background thread runs `Engine.step()` while there is work and sleeps when t
 each request gets an asyncio.Queue that the thread feeds with `call_soon_threadsafe`. A lock
 serialises the engine: adds and aborts land between steps, never inside one. Cancelling or
 closing a stream (a client that disconnects) aborts its request, which frees its cache blocks.
+A request that fails inside the engine (finish_reason "error") raises RequestFailedError in its
+own stream only; the engine isolates it and serves the others on.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import threading
 from typing import AsyncIterator
 
-from .engine import Engine, StreamEvent
+from .engine import Engine, RequestFailedError, StreamEvent
 
 
 class AsyncEngine:
@@ -37,18 +39,18 @@ class AsyncEngine:
                     return
                 try:
                     events: list = self.engine.step()
-                except Exception as e:  # a failed step fails its requests, never the thread
+                except Exception as e:  # outside any one request (planning): fail them all, never the thread
                     events = []
                     for rid in list(self._queues):
                         self.engine.abort(rid)
-                        events.append((rid, e))
+                        events.append(RequestFailedError(rid, f"{type(e).__name__}: {e}"))
                     self.engine.step()  # drain the abort events
-                targets = [(self._queues.get(ev[0] if isinstance(ev, tuple) else ev.request_id), ev)
-                           for ev in events]
-            for target, ev in targets:
+                events = [RequestFailedError(ev.request_id, ev.error or "unknown error")
+                          if isinstance(ev, StreamEvent) and ev.finish_reason == "error" else ev for ev in events]
+                targets = [(self._queues.get(ev.request_id), ev) for ev in events]
+            for target, item in targets:
                 if target is not None:
                     loop, q = target
-                    item = ev[1] if isinstance(ev, tuple) else ev
                     try:
                         loop.call_soon_threadsafe(q.put_nowait, item)
                     except RuntimeError:  # that event loop is closed
@@ -66,9 +68,9 @@ class AsyncEngine:
         try:
             while True:
                 item = await q.get()
-                if isinstance(item, BaseException):
+                if isinstance(item, RequestFailedError):
                     finished = True
-                    raise RuntimeError(f"engine step failed: {item}") from item
+                    raise item
                 if item.finished:
                     finished = True
                 yield item

@@ -29,11 +29,37 @@ from .detok import Detokenizer, token_bytes_table
 from .fast import AttnGroup, FastDecoder
 from .kv_cache import BlockManager, PagedLatentCache, StepCache
 from .sampling import SamplerState, SamplingParams, TokenLogprob, sample
-from .scheduler import Request, Scheduler
+from .scheduler import Batch, Request, Scheduler
 
 
 class PromptTooLongError(ValueError):
     """The prompt cannot be served: it does not fit the model's context (or the whole KV cache)."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed inside the engine (its finish_reason is "error"); the others go on."""
+
+    def __init__(self, request_id: str, cause: str):
+        super().__init__(f"request {request_id} failed in the engine: {cause}")
+        self.request_id = request_id
+
+
+def check_device(name: str | None) -> None:
+    """``--device`` names a device this machine has, or one line saying what is available."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a device name; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {name}: no CUDA device on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type not in ("cpu", "mps"):
+        raise ValueError(f"--device {name}: expected cpu, cuda or cuda:N")
 
 
 @dataclass
@@ -44,9 +70,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: str | None  # "stop" | "length" | "abort"
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error"
     cached_tokens: int
     logprobs: list[TokenLogprob] | None
+    error: str | None = None  # why, when finish_reason is "error"
 
 
 @dataclass
@@ -62,6 +89,7 @@ class StreamEvent:
     num_prompt_tokens: int
     num_completion_tokens: int
     logprobs: list[TokenLogprob] | None
+    error: str | None = None  # finish_reason "error": what failed (the request alone failed)
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -224,13 +252,26 @@ class Engine:
         s.free(r)
         self._aborted.append(self._finish(r, "abort", ""))
 
-    def _finish(self, r: Request, reason: str, delta: str, tokens=(), lps=None) -> StreamEvent:
+    def _finish(self, r: Request, reason: str, delta: str, tokens=(), lps=None, error: str | None = None
+                ) -> StreamEvent:
         r.finish_reason = reason
         self._live.pop(r.request_id, None)
         if r.keep_output:
             self._outputs[r.request_id] = RequestOutput(r.request_id, r.prompt_ids, r.output_ids, r.detok.text,
-                                                        reason, r.cached_tokens or 0, r.logprobs)
-        return self._event(r, delta, list(tokens), reason, lps)
+                                                        reason, r.cached_tokens or 0, r.logprobs, error)
+        ev = self._event(r, delta, list(tokens), reason, lps)
+        ev.error = error
+        return ev
+
+    def _fail(self, r: Request, e: BaseException) -> StreamEvent:
+        """End one request with finish_reason "error" and free its blocks."""
+        s = self.scheduler
+        if r in s.running:
+            s.running.remove(r)
+        elif r in s.waiting:
+            s.waiting.remove(r)
+        s.free(r)
+        return self._finish(r, "error", "", error=f"{type(e).__name__}: {e}")
 
     def _event(self, r: Request, delta: str, tokens: list[int], reason: str | None, lps) -> StreamEvent:
         return StreamEvent(r.request_id, delta, tokens, reason is not None, reason, r.cached_tokens or 0,
@@ -239,17 +280,39 @@ class Engine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def step(self) -> list[StreamEvent]:
-        """Run one scheduling step; return an event for every request that produced something."""
+        """Run one scheduling step; return an event for every request that produced something.
+
+        A step that raises is re-run one request at a time, so that the request that fails ends
+        alone (finish_reason "error") while the rest of the batch goes on: `_run` changes no
+        request's state before its forward and sampling have succeeded."""
         events, self._aborted = self._aborted, []
         batch, stuck = self.scheduler.schedule()
         for r in stuck:  # alone, and the whole cache cannot hold one more token
             self.scheduler.running.remove(r)
             self.scheduler.free(r)
             events.append(self._finish(r, "length", r.detok.flush()))
+        try:
+            return events + self._run(batch)
+        except Exception as e:
+            error = e
+        alone = [(r, Batch([r], [])) for r in batch.decode] + [(c[0], Batch([], [c])) for c in batch.prefill]
+        if len(alone) == 1:  # it failed alone already
+            return events + [self._fail(alone[0][0], error)]
+        for r, one in alone:
+            try:
+                events += self._run(one)
+            except Exception as e:
+                events.append(self._fail(r, e))
+        return events
+
+    def _run(self, batch: Batch) -> list[StreamEvent]:
+        """Forward and sample one planned batch, then commit: every request's state changes only
+        after all of its batch's computation has succeeded (latents written to not-yet-computed
+        positions are simply written again on a re-run)."""
+        events: list[StreamEvent] = []
         rows: list[torch.Tensor] = []
         ready: list[Request] = []
         unique, copies = self._dedupe(batch.prefill)
-        self.prefill_tokens += sum(n for _, n in unique)
         groups = self._pad_groups(unique, self.prefill_waste)
         fits = [self._fast_fits(g) for g in groups]
         fast = [g for g, f in zip(groups, fits) if f]
@@ -272,15 +335,18 @@ class Engine:
             if twins:
                 h = torch.cat((h, h[[i for _, i in twins]]))
                 ready += [r for r, _ in twins]
+        tokens, lps = [], []
+        if ready:
+            tokens, lps = sample(self._fast.logits(h), [r.sampler for r in ready])
+        self.prefill_tokens += sum(n for _, n in unique)
         for r, n in [(r, 1) for r in batch.decode] + batch.prefill:
             r.num_computed += n
             self.scheduler.register_full_blocks(r)
-        if not ready:
-            return events
-        logits = self._fast.logits(h)
-        tokens, lps = sample(logits, [r.sampler for r in ready])
         for r, tok, lp in zip(ready, tokens, lps):
-            events.append(self._accept(r, tok, lp))
+            try:
+                events.append(self._accept(r, tok, lp))
+            except Exception as e:  # e.g. its detokenizer: this request alone
+                events.append(self._fail(r, e))
         return events
 
     def _accept(self, r: Request, tok: int, lp: TokenLogprob | None) -> StreamEvent:
@@ -444,6 +510,8 @@ class Engine:
                 for ev in self.step():
                     if ev.request_id == rid:
                         finished = ev.finished
+                        if ev.finish_reason == "error":
+                            raise RequestFailedError(rid, ev.error or "unknown error")
                         yield ev
         finally:
             if not finished:

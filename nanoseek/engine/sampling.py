@@ -10,6 +10,7 @@ seed get one from torch's global generator when they arrive.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +36,9 @@ class SamplingParams:
     def __post_init__(self):
         def bad(msg):
             raise ValueError(f"SamplingParams: {msg}")
+        for name in ("temperature", "top_p", "frequency_penalty", "presence_penalty", "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):  # NaN passes every comparison below
+                bad(f"{name}={getattr(self, name)} must be a finite number")
         if self.max_tokens < 1:
             bad(f"max_tokens={self.max_tokens} must be ≥ 1")
         if self.temperature < 0:
@@ -134,7 +138,10 @@ def uniforms(seeds: list[int], counters: list[int]) -> torch.Tensor:
     with 53 random bits (two hash words), so a token's probability is resolved to ~1e-16.
     (numpy: a few dozen numbers, hashed in microseconds; a dozen tiny torch ops took 0.2 ms.)"""
     seed32 = np.array([s & 0xFFFFFFFF for s in seeds], dtype=np.uint32)  # any Python int, negative too
-    key = _mix32(_mix32(seed32) + np.array(counters, dtype=np.uint32))  # (array arithmetic wraps silently)
+    # lowbias32 maps 0 to 0: without the constant (murmur3's), seed 0's first key would be 0 and its first
+    # uniform ~7e-9 (always the lowest token id with any mass); with it, the one seed whose key is
+    # 0 at a given counter is an arbitrary-looking 32-bit number, as likely as any other
+    key = _mix32((_mix32(seed32) ^ np.uint32(0xC2B2AE35)) + np.array(counters, dtype=np.uint32))
     lo = _mix32(key ^ np.uint32(0x5BD1E995))
     bits = (key.astype(np.uint64) >> np.uint64(6)) << np.uint64(27) | (lo >> np.uint32(5)).astype(np.uint64)
     return torch.from_numpy((bits.astype(np.float64) + 0.5) * 2.0**-53)  # never 0 or 1
