@@ -32,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanoseek.tasks import get_task  # noqa: E402
 from nanoseek.tasks.rewards import load_reward, weighted  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
-from nanoseek.train.grpo import GRPOConfig, build_prompt, grpo_update, make_sampler, reward_kwargs, score  # noqa: E402
-from nanoseek.train.sft import resolve_ckpt  # noqa: E402
+from nanoseek.train.grpo import EngineSampler, GRPOConfig, build_prompt, grpo_update, reward_kwargs, score  # noqa: E402
+from nanoseek.train.loop import Trainer  # noqa: E402
+from nanoseek.train.rundir import resolve_ckpt  # noqa: E402
 
 # `nanoseek grpo`'s own reward (accuracy + format, weight 1 each, chat template), for both sides
 REWARD = weighted({name: (load_reward(name), 1.0) for name in ("accuracy", "format")})
@@ -52,9 +53,11 @@ def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
     cfg = GRPOConfig(ckpt=str(ckpt), task="arithmetic", out="-", num_generations=args.G,
                      max_completion_length=args.len, temperature=1.0, learning_rate=1e-6,
                      loss_type="dapo", beta=0.0, scale_rewards="group", dynamic_sampling=False,
-                     mask_truncated_completions=False, micro_batch_size=args.prompts * args.G, dtype=args.dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
-    sampler = make_sampler("engine", model, tok, args.prompts * args.G, args.len + 128)
+                     mask_truncated_completions=False, prompts_per_step=args.prompts, gradient_accumulation_steps=1,
+                     dtype=args.dtype)  # the whole batch in one forward
+    # torch's AdamW defaults, as TRL's: the same optimizer on both sides
+    trainer = Trainer(cfg, model, optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate))
+    sampler = EngineSampler(model, tok, args.prompts * args.G, args.len + 128)
     times, t_roll, n_tok = [], 0.0, 0
     for s in range(args.steps + 1):
         batch = [p for p in probs[s * args.prompts:(s + 1) * args.prompts] for _ in range(args.G)]
@@ -62,7 +65,7 @@ def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
         rolls = sampler.generate([build_prompt(p, tok, "chat") for p in batch], args.len, 1.0, seed=s)
         r, _, _ = score(rolls, batch, tok, REWARD, REWARD_KW)
         t1 = time.perf_counter()
-        grpo_update(model, opt, None, rolls, r, cfg, tok.pad_id)
+        grpo_update(trainer, None, rolls, r, cfg, tok.pad_id)
         if s:
             times.append(time.perf_counter() - t0)
             t_roll += t1 - t0

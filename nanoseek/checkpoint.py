@@ -116,6 +116,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def remove_stale_writes(parent: str | Path) -> None:
+    """Delete the temporary directories `atomic_dir` leaves in `parent` when its process is killed
+    mid-write (`.NAME.tmp-*`, `.NAME.old-*`). Call it only where no other writer is running — a
+    run's own directory at its start."""
+    parent = Path(parent)
+    if parent.is_dir():
+        for d in [*parent.glob(".*.tmp-*"), *parent.glob(".*.old-*")]:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def save_pretrained(model: DeepSeekV3, path: str | Path, extra: dict[str, object] | None = None) -> Path:
     """Write config.json + model.safetensors (+ `extra`: name → bytes | str | callable(dir)) atomically."""
     path = Path(path)

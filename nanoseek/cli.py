@@ -55,7 +55,11 @@ def _parse_bool(s: str) -> bool:
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per field. Defaults stay out of the parsed namespace (argparse.SUPPRESS): what is
+    there was given on the command line, which `--resume` needs to know (given flags override the
+    run's saved config). A command with `resume` checks its required fields after that merge."""
     hints = typing.get_type_hints(cls)
+    resumable = any(f.name == "resume" for f in dataclasses.fields(cls))
     for f in dataclasses.fields(cls):
         if not f.init or f.name.startswith("_"):
             continue
@@ -67,7 +71,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         help_ = f.metadata.get("help", "")
         if not required:
             help_ += f" (default: {default})"
-        kw: dict[str, Any] = dict(dest=f.name, help=help_, required=required, default=default)
+        kw: dict[str, Any] = dict(dest=f.name, help=help_.replace("%", "%%"), required=required and not resumable,
+                                  default=argparse.SUPPRESS)
         if tp is bool:
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif tp in (dict, Any) or typing.get_origin(tp) is dict:
@@ -106,10 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     cls, fn = _load(args._spec)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     try:
+        if values.get("resume"):
+            values = resume_values(cls, values)
+        missing = [n for n, f in fields.items() if n not in values
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            parser.error(f"{args.command}: the following arguments are required: "
+                         + ", ".join("--" + n.replace("_", "-") for n in missing))
         cfg = cls(**values)
         fn(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
@@ -121,13 +135,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save_run_config(cfg: Any, out_dir: str | Path, name: str = "config.json") -> Path:
-    """Write the resolved config of a run beside its outputs, so the run can be repeated."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
-    return path
+def resume_values(cls: type, given: dict[str, Any]) -> dict[str, Any]:
+    """`--resume`: the run's saved RUN/config.json, overridden by the flags given. A run without
+    a saved config (never started) takes the flags as they are."""
+    from .train.rundir import CONFIG, read_run_config
+
+    out = given.get("out", next((f.default for f in dataclasses.fields(cls) if f.name == "out"), None))
+    if out is None or not (Path(out) / CONFIG).is_file():
+        return given
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    return {**{k: v for k, v in read_run_config(out).items() if k in names}, **given}
 
 
 if __name__ == "__main__":

@@ -7,15 +7,9 @@ reports in one page with `summary_line`. matplotlib runs on the Agg backend: no 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+from .train.rundir import read_metrics
 
 
 def plot_losses(records: list[dict], png: str | Path, title: str = "") -> Path | None:

@@ -14,8 +14,8 @@ import torch
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.train import grpo as G
-from nanoseek.train.grpo import (EngineSampler, GRPOConfig, Rollout, SimpleSampler, build_reference, grpo,
-                                 grpo_update)
+from nanoseek.train.grpo import EngineSampler, GRPOConfig, Rollout, build_reference, grpo, grpo_update
+from nanoseek.train.loop import Trainer
 
 
 def scripted_rollouts(n: int, seed: int = 0, truncated=(), share: int = 1) -> list[Rollout]:
@@ -34,10 +34,18 @@ def scripted_rollouts(n: int, seed: int = 0, truncated=(), share: int = 1) -> li
 
 def cfg_for(**kw) -> GRPOConfig:
     base = dict(ckpt="-", task="arithmetic", out="-", num_generations=4, loss_type="grpo",
-                scale_rewards="group", max_grad_norm=1e9, micro_batch_size=3, mask_truncated_completions=True,
+                scale_rewards="group", max_grad_norm=1e9, mask_truncated_completions=True,
+                prompts_per_step=2, gradient_accumulation_steps=3,  # micro-batches of ⌈2·4 / 3⌉ = 3 sequences
                 dtype="float32")  # exact math; bf16 autocast (the CPU default here) rounds the log-probs
     base.update(kw)
     return GRPOConfig(**base)
+
+
+def update(model, lr: float, rolls, rewards, ref=None, **kw) -> dict:
+    """One grpo_update through the training core, with plain SGD (so the step is checkable by hand)."""
+    cfg = cfg_for(learning_rate=lr, **kw)
+    trainer = Trainer(cfg, model, optimizer=torch.optim.SGD(model.parameters(), lr=lr))
+    return grpo_update(trainer, ref, rolls, rewards, cfg, pad_id=2)
 
 
 def hand_logp(model, r: Rollout) -> torch.Tensor:
@@ -61,8 +69,7 @@ def test_one_step_equals_the_hand_computed_update(ckpt):
     assert [len(r.prompt_ids) for r in rolls[:3]] == [8, 8, 3]  # a micro-batch's shorter prompt is padded
     rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 1.0, 2.0])
     lr = 0.05
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    st = grpo_update(model, opt, None, rolls, rewards, cfg_for(), pad_id=2)
+    st = update(model, lr, rolls, rewards)
 
     adv = []
     for g in range(2):
@@ -93,20 +100,18 @@ def test_one_step_equals_the_hand_computed_update(ckpt):
 
 def test_dynamic_sampling_drops_equal_reward_groups(ckpt):
     model = load_pretrained(ckpt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rolls = scripted_rollouts(8, seed=1)
-    st = grpo_update(model, opt, None, rolls, torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0]), cfg_for(), pad_id=2)
+    st = update(model, 0.1, rolls, torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0]))
     assert st["frac_reward_zero_std"] == 0.5 and st["num_sequences_trained"] == 4
     assert st["debug"]["keep"].tolist() == [False] * 4 + [True] * 4
     assert st["debug"]["logp"].shape[0] == 4
     # every group equal: no update at all
     before = [p.detach().clone() for p in model.parameters()]
-    st = grpo_update(model, opt, None, rolls, torch.tensor([1.0] * 4 + [0.0] * 4), cfg_for(), pad_id=2)
+    st = update(model, 0.1, rolls, torch.tensor([1.0] * 4 + [0.0] * 4))
     assert st.get("skipped") and st["frac_reward_zero_std"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # with dynamic sampling off the equal group stays in the batch (with zero advantage)
-    st = grpo_update(model, opt, None, rolls, torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0]),
-                     cfg_for(dynamic_sampling=False), pad_id=2)
+    st = update(model, 0.1, rolls, torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0]), dynamic_sampling=False)
     assert st["num_sequences_trained"] == 8
 
 
@@ -120,8 +125,7 @@ def test_zero_advantage_sequences_are_skipped_but_still_normalise(ckpt):
     rolls = scripted_rollouts(8, seed=3, share=4)
     rewards = torch.tensor([0.7, 0.7, 0.7, 0.7, 1.0, 0.0, 0.0, 1.0])  # 0.7·4/4 is not exact in fp32
     lr = 0.05
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    st = grpo_update(model, opt, None, rolls, rewards, cfg_for(dynamic_sampling=False, loss_type="dapo"), pad_id=2)
+    st = update(model, lr, rolls, rewards, dynamic_sampling=False, loss_type="dapo")
     assert st["num_sequences_trained"] == 8 and st["num_sequences_skipped_zero_adv"] == 4
     assert st["debug"]["logp"].shape[0] == 4
 
@@ -137,14 +141,12 @@ def test_zero_advantage_sequences_are_skipped_but_still_normalise(ckpt):
 
 def test_truncated_completions_are_masked_and_carry_no_gradient(ckpt):
     model = load_pretrained(ckpt).train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     rolls = scripted_rollouts(4, seed=2, truncated={0, 1, 2, 3})
     before = [p.detach().clone() for p in model.parameters()]
-    st = grpo_update(model, opt, None, rolls, torch.tensor([1.0, 0, 0, 1]), cfg_for(), pad_id=2)
+    st = update(model, 0.1, rolls, torch.tensor([1.0, 0, 0, 1]))
     assert float(st["debug"]["mask"].sum()) == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    st = grpo_update(model, opt, None, rolls, torch.tensor([1.0, 0, 0, 1]),
-                     cfg_for(mask_truncated_completions=False), pad_id=2)
+    st = update(model, 0.1, rolls, torch.tensor([1.0, 0, 0, 1]), mask_truncated_completions=False)
     assert float(st["debug"]["mask"].sum()) == sum(len(r.ids) for r in rolls)
 
 
@@ -155,29 +157,34 @@ def test_beta_zero_builds_no_reference_and_beta_logs_kl(ckpt):
     assert ref is not model and not any(p.requires_grad for p in ref.parameters())
     # with a reference, the k3 KL is 0 before the policy moves, > 0 after two updates (μ = 2)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
     rolls = scripted_rollouts(4, seed=3)
-    st = grpo_update(model, opt, ref, rolls, torch.tensor([1.0, 0, 0, 1]),
-                     cfg_for(beta=0.04, num_iterations=2), pad_id=2)
+    st = update(model, 0.5, rolls, torch.tensor([1.0, 0, 0, 1]), ref=ref, beta=0.04, num_iterations=2)
     assert st["kl"] > 0.0 and "ratio_mean" in st
 
 
 def test_engine_rollouts_see_the_live_weights(ckpt, tok):
     """The engine holds the model the optimizer updates: after an in-place weight change its
-    greedy rollouts are those of the new weights (prefix cache included), equal to the plain
-    sampler's."""
+    greedy rollouts are those of the new weights (prefix cache included), equal to the model's
+    plain forward (the reference greedy decode, one prompt at a time)."""
     model = load_pretrained(ckpt)
     prompts = [tok.render_chat([{"role": "user", "content": f"What is {a}+{a + 3}?"}],
                                add_generation_prompt=True)[0] * 2 for a in range(4)]  # > 1 cache block
     eng = EngineSampler(model, tok, 8, 128)
-    simple = SimpleSampler(model, tok.eos_id, tok.pad_id)
+
+    def reference() -> list[list[int]]:
+        out = []
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), 6, eos_token_id=tok.eos_id)[0, len(p):].tolist()
+            out.append(ids[:ids.index(tok.eos_id) + 1] if tok.eos_id in ids else ids)
+        return out
+
     first = [r.ids for r in eng.generate(prompts, 6, 0.0)]
-    assert first == [r.ids for r in simple.generate(prompts, 6, 0.0)]
+    assert first == reference()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     second = [r.ids for r in eng.generate(prompts, 6, 0.0)]
-    assert second == [r.ids for r in simple.generate(prompts, 6, 0.0)]
+    assert second == reference()
     assert second != first
 
 
@@ -188,7 +195,7 @@ def test_grpo_command_logs_and_warns(ckpt, tmp_path, monkeypatch):
     run = tmp_path / "grpo"
     cfg = GRPOConfig(ckpt=str(ckpt), task="arithmetic", out=str(run), task_args={"digits": 2},
                      max_steps=2, prompts_per_step=2, num_generations=2, max_completion_length=3,
-                     eval_steps=1, eval_problems=3, engine="simple", seed=0)
+                     eval_steps=1, eval_problems=3, seed=0)
     with pytest.warns(UserWarning) as rec:
         grpo(cfg)
     msgs = " ".join(str(w.message) for w in rec)
@@ -208,13 +215,21 @@ def test_grpo_command_logs_and_warns(ckpt, tmp_path, monkeypatch):
     load_pretrained(run / "model")
 
 
+def interrupt_at(step: int):
+    """on_step hook: Ctrl-C right after `step` (the core saves that step and re-raises)."""
+    def hook(trainer, metrics):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+    return hook
+
+
 def length_reward(completions, problems, **kw):
     """Text length: differs within almost every group, so every step has something to learn."""
     return [len(c) / 10 for c in completions]
 
 
 def test_grpo_resume_continues_exactly(ckpt, tmp_path):
-    """4 steps in one go == 2 steps, stop, --resume to 4: same weights, same per-step metrics
+    """4 steps in one go == 2 steps, Ctrl-C, --resume to 4: same weights, same per-step metrics
     (the optimizer, the problem sampler's and the rollouts' random state all come back)."""
     kw = dict(ckpt=str(ckpt), task="arithmetic", task_args={"digits": 2}, prompts_per_step=2, num_generations=2,
               max_completion_length=4, eval_steps=0, eval_problems=2, seed=0, learning_rate=1e-3,
@@ -223,7 +238,9 @@ def test_grpo_resume_continues_exactly(ckpt, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         grpo(GRPOConfig(out=str(tmp_path / "whole"), max_steps=4, **kw))
-        grpo(GRPOConfig(out=str(tmp_path / "split"), max_steps=2, **kw))
+        with pytest.raises(KeyboardInterrupt):
+            grpo(GRPOConfig(out=str(tmp_path / "split"), max_steps=4, **kw), on_step=interrupt_at(2))
+        assert not (tmp_path / "split" / "model").exists()
         grpo(GRPOConfig(out=str(tmp_path / "split"), max_steps=4, resume=True, **kw))
 
     def trained(run):
@@ -235,6 +252,6 @@ def test_grpo_resume_continues_exactly(ckpt, tmp_path):
     a, b = load_pretrained(tmp_path / "whole" / "model"), load_pretrained(tmp_path / "split" / "model")
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
-    assert [d.name for d in (tmp_path / "split" / "checkpoints").iterdir()] == ["step_000004"]  # keep_last=1
+    assert [d.name for d in (tmp_path / "split" / "checkpoints").iterdir()] == ["step_000003"]  # keep_last=1
     with pytest.raises(FileExistsError, match="--resume"):  # a fresh run would mix with the old checkpoints
         grpo(GRPOConfig(out=str(tmp_path / "split"), max_steps=4, **kw))

@@ -95,13 +95,13 @@ def test_builtin_knobs_reach_the_task():
 def test_sft_command_writes_a_checkpoint_that_learns(ckpt, tok, tmp_path):
     run = tmp_path / "sft"
     cfg = SFTConfig(ckpt=str(ckpt), data="builtin:sft-arith?n=64&seed=0", out=str(run), max_steps=12,
-                    batch_size=4, seq_len=128, learning_rate=3e-3, warmup_steps=2, log_every=1)
+                    batch_size=4, seq_len=128, learning_rate=3e-3, warmup_steps=2, logging_steps=1, progress=False)
     out = sft(cfg)
     assert out == run / "model" and resolve_ckpt(run) == out
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
-    assert json.loads((run / "sft_config.json").read_text())["max_steps"] == 12
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 12
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(12))
+    assert [r["step"] for r in log] == list(range(1, 13))
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]  # it fits the cold-start data
     assert Tokenizer.load(out).vocab_size == tok.vocab_size
     load_pretrained(out)

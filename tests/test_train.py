@@ -18,8 +18,8 @@ DATA = "builtin:arith?n=150"
 
 
 def tiny_cfg(out, **kw) -> PretrainConfig:
-    base = dict(preset="tiny", data=DATA, out=str(out), steps=6, batch_size=4, seq_len=32, lr=3e-3,
-                warmup_steps=2, log_every=1, eval_every=0, save_every=0, val_tokens=128, arith_eval=0,
+    base = dict(preset="tiny", data=DATA, out=str(out), max_steps=6, batch_size=4, seq_len=32, learning_rate=3e-3,
+                warmup_steps=2, logging_steps=1, eval_steps=0, save_steps=0, val_tokens=128, arith_eval=0,
                 progress=False)
     base.update(kw)
     return PretrainConfig(**base)
@@ -32,12 +32,12 @@ def losses(run) -> dict[int, float]:
 
 # ---------------------------------------------------------------------- schedule and optimizer
 def test_lr_schedules():
-    c = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10)
+    c = TrainConfig(max_steps=100, learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10)
     assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
     assert lr_at(10, c) == pytest.approx(1.0)
     assert lr_at(55, c) == pytest.approx(0.55)  # cosine half-way: (1 + 0.1) / 2
     assert lr_at(100, c) == pytest.approx(0.1)
-    w = TrainConfig(steps=100, lr=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    w = TrainConfig(max_steps=100, learning_rate=1.0, min_lr_ratio=0.0, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
     assert lr_at(79, w) == 1.0 and lr_at(90, w) == pytest.approx(0.5) and lr_at(100, w) == 0.0
 
 
@@ -100,12 +100,12 @@ def test_bits_per_byte_of_a_uniform_model():
 def test_pretrain_writes_loadable_checkpoints_and_resumes_exactly(tmp_path):
     """6 uninterrupted steps vs 3 steps, Ctrl-C, --resume for 3 more: identical losses."""
     full = tmp_path / "full"
-    pretrain(tiny_cfg(full, save_every=2, keep_last=2))
+    pretrain(tiny_cfg(full, save_steps=2, keep_last=2))
     ref = losses(full)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and ref[6] < ref[1]
-    # checkpoints: the last K periodic ones, and a complete final directory
+    # checkpoints: the last K periodic ones, and a complete RUN/model directory
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_000002", "step_000004"]
-    final = full / "final"
+    final = full / "model"
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "trainer_state.pt"):
         assert (final / f).exists(), f
     assert json.loads((full / "config.json").read_text())["preset"] == "tiny"
@@ -132,7 +132,7 @@ def test_pretrain_writes_loadable_checkpoints_and_resumes_exactly(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         pretrain(tiny_cfg(split), on_step=interrupt)
     assert (split / "checkpoints" / "step_000003" / "trainer_state.pt").exists()
-    assert not (split / "final").exists()
+    assert not (split / "model").exists()
     pretrain(tiny_cfg(split, resume=True))
     got = losses(split)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
@@ -144,10 +144,10 @@ def test_router_bias_moves_against_load(tmp_path):
     """γ > 0 changes the router bias by exactly ±γ per step and per expert; γ = 0 leaves it at 0."""
     for gamma in (0.0, 0.01):
         run = tmp_path / f"g{gamma}"
-        pretrain(tiny_cfg(run, steps=2, router_gamma=gamma, val_tokens=32))
+        pretrain(tiny_cfg(run, max_steps=2, router_gamma=gamma, val_tokens=32))
         from nanoseek.checkpoint import load_pretrained
 
-        m = load_pretrained(run / "final")
+        m = load_pretrained(run / "model")
         bias = torch.cat([moe.gate.e_score_correction_bias for moe in m.moe_layers()])
         steps_abs = (bias.abs() / 0.01).round()
         if gamma:

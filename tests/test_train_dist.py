@@ -30,9 +30,9 @@ def _torchrun(out, *extra) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
            "-m", "nanoseek.cli", "pretrain", "--preset", "tiny", "--data", DATA, "--out", str(out),
-           "--steps", str(STEPS), "--batch-size", str(BATCH), "--seq-len", "32", "--lr", "3e-3",
-           "--warmup-steps", "2", "--log-every", "1", "--val-tokens", "128", "--arith-eval", "0",
-           "--save-every", "2", "--progress", "false", *extra]
+           "--max-steps", str(STEPS), "--batch-size", str(BATCH), "--seq-len", "32", "--learning-rate", "3e-3",
+           "--warmup-steps", "2", "--logging-steps", "1", "--val-tokens", "128", "--arith-eval", "0",
+           "--save-steps", "2", "--progress", "false", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -43,7 +43,7 @@ def _torchrun(out, *extra) -> subprocess.CompletedProcess:
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     # one process: the same 8 sequences per step, as 2 micro-batches of 4 (what each rank holds)
-    pretrain(tiny_cfg(out, steps=STEPS, batch_size=BATCH, micro_batch_size=BATCH // 2, save_every=2))
+    pretrain(tiny_cfg(out, max_steps=STEPS, batch_size=BATCH, gradient_accumulation_steps=2, save_steps=2))
     return losses(out)
 
 
@@ -59,7 +59,7 @@ def test_two_processes_match_one(tmp_path, single, mode):
     # the final checkpoint is a whole model written once, with the global data position
     import torch
 
-    state = torch.load(out / "final" / "trainer_state.pt", weights_only=False)
+    state = torch.load(out / "model" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and state["loader"]["position"] == STEPS * BATCH * 32
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["fsdp"] == (mode == "fsdp")

@@ -37,7 +37,7 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     from ..tasks.rewards import format_reward
     from ..tokenizer import Tokenizer
     from ..train.grpo import build_prompt, reward_kwargs
-    from ..train.sft import resolve_ckpt
+    from ..train.rundir import resolve_ckpt
 
     if model is None:
         path = resolve_ckpt(cfg.ckpt)

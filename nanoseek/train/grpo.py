@@ -25,83 +25,95 @@ with pinned sampling runs every `eval_steps`; the run ends with a reward/accurac
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_pretrained, save_pretrained
+from ..checkpoint import load_pretrained
 from ..model.shared_prefix import SharedPrefixBatch, shared_prefix_hidden_states
 from ..tasks import get_task, r1_zero_prompt
 from ..tasks.rewards import load_reward, weighted
 from ..tokenizer import Tokenizer
 from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
-from .loop import autocast, autocast_dtype
-from .sft import pick_device, resolve_ckpt
+from .loop import Trainer, TrainConfig, balance_loss, start_run
+from .rundir import read_metrics, resolve_ckpt
 
 
-@dataclass
-class GRPOConfig:
-    ckpt: str = field(metadata={"help": "policy checkpoint (or a run directory with model/)"})
+@dataclass(kw_only=True)
+class GRPOConfig(TrainConfig):
+    """`nanoseek grpo`: the shared training knobs, with GRPO's defaults, and TRL's GRPO options."""
+
+    SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = (*TrainConfig.SCHEDULE_FIELDS, "prompts_per_step", "num_generations")
+
+    ckpt: str = field(metadata={"help": "policy checkpoint, or any stage's run directory (its model/)"})
     task: str = field(metadata={"help": "arithmetic | countdown | gsm8k"})
-    out: str = field(metadata={"help": "run directory: model/, metrics.jsonl, grpo_config.json, grpo.png"})
+    out: str = field(metadata={"help": "run directory: model/, config.json, metrics.jsonl, checkpoints/, grpo.png, report.md"})
     task_args: dict = field(default_factory=dict, metadata={"help": 'task knobs as JSON, e.g. {"digits": 3}'})
-    template: str = field(default="chat", metadata={"help": "chat | r1-zero", "choices": ["chat", "r1-zero"]})
+    template: str = field(default="chat", metadata={"help": "chat prompt (SFT models) or the R1-Zero text prompt (base models)",
+                                                    "choices": ["chat", "r1-zero"]})
     max_steps: int = field(default=100, metadata={"help": "optimizer steps (rollout batches)"})
-    max_minutes: float = field(default=0.0, metadata={"help": "stop after this wall time (0: no limit)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "peak AdamW learning rate"})
+    schedule: str = field(default="constant", metadata={"help": "lr schedule after warmup", "choices": ["cosine", "wsd", "constant"]})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices (not norms/embeddings/biases)"})
+    beta2: float = field(default=0.99, metadata={"help": "AdamW β2"})
+    gradient_accumulation_steps: int = field(default=2, metadata={
+        "help": "micro-batches the update of a rollout batch is split into: each holds ⌈prompts·G / this⌉ "
+                "sequences (fewer micro-batches when dynamic sampling drops groups)"})
+    router_gamma: float = field(default=0.0, metadata={"help": "γ of the aux-loss-free router-bias update after each step; 0 = off"})
+    balance_alpha: float = field(default=0.0, metadata={"help": "α of the sequence-wise balance loss; 0 = off"})
+    logging_steps: int = field(default=1, metadata={"help": "steps between metrics.jsonl records"})
+    eval_steps: int = field(default=10, metadata={"help": "held-out eval every N steps (0: start and end only)"})
+    save_steps: int = field(default=50, metadata={"help": "steps between resumable checkpoints; 0 = only RUN/model at the end"})
+    progress: bool = field(default=False, metadata={"help": "show a progress bar (instead of a line per step)"})
     prompts_per_step: int = field(default=16, metadata={"help": "distinct prompts per step"})
     num_generations: int = field(default=8, metadata={"help": "G: completions per prompt"})
-    max_completion_length: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    learning_rate: float = 1e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_completion_length: int = field(default=128, metadata={"help": "tokens per completion at most"})
+    temperature: float = field(default=1.0, metadata={"help": "rollout sampling temperature (log-probs use logits / it, as TRL)"})
+    top_p: float = field(default=1.0, metadata={"help": "rollout nucleus sampling"})
     beta: float = field(default=0.0, metadata={"help": "k3 KL weight; 0 ⇒ no reference model"})
-    epsilon: float = 0.2
+    epsilon: float = field(default=0.2, metadata={"help": "clip range of the ratio (1 − ε, 1 + ε)"})
     epsilon_high: float | None = field(default=None, metadata={"help": "DAPO clip-higher (e.g. 0.28); None = epsilon"})
-    loss_type: str = field(default="dapo", metadata={"choices": ["grpo", "dr_grpo", "dapo"]})
-    scale_rewards: str = field(default="group", metadata={"choices": ["group", "batch", "none"]})
+    loss_type: str = field(default="dapo", metadata={"help": "per-sequence mean / constant normaliser / token mean",
+                                                     "choices": ["grpo", "dr_grpo", "dapo"]})
+    scale_rewards: str = field(default="group", metadata={"help": "divide advantages by the group std, the batch std, or nothing",
+                                                          "choices": ["group", "batch", "none"]})
     num_iterations: int = field(default=1, metadata={"help": "updates per rollout batch (μ)"})
     ref_model_sync_steps: int = field(default=0, metadata={"help": "reset the reference to the policy every N steps (0: never)"})
     dynamic_sampling: bool = field(default=True, metadata={"help": "drop groups whose rewards are all equal"})
-    mask_truncated_completions: bool = True
-    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"])
+    mask_truncated_completions: bool = field(default=True, metadata={"help": "completions cut at the length limit carry no loss"})
+    reward_funcs: list[str] = field(default_factory=lambda: ["accuracy", "format"],
+                                    metadata={"help": "accuracy, format, or pkg.module:function"})
     reward_weights: list[float] = field(default_factory=list, metadata={"help": "one per reward (default all 1)"})
-    micro_batch_size: int = field(default=64, metadata={"help": "sequences per forward/backward"})
-    eval_steps: int = field(default=10, metadata={"help": "held-out eval every N steps (0: start and end only)"})
-    eval_problems: int = 200
+    eval_problems: int = field(default=200, metadata={"help": "held-out problems per evaluation"})
     eval_temperature: float = field(default=0.0, metadata={"help": "pinned eval sampling (0 = greedy)"})
-    eval_seed: int = 1234
-    save_steps: int = field(default=50, metadata={"help": "resumable checkpoint every N steps in RUN/checkpoints "
-                                                  "(0: only RUN/model at the end)"})
-    keep_last: int = field(default=2, metadata={"help": "periodic checkpoints kept"})
-    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in --out: weights, "
-                                                  "optimizer, step, random state, metrics"})
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype of the update's forward/backward, as in "
-                                                 "pretraining: auto = bfloat16 on CUDA, float32 on CPU",
-                                                 "choices": ["auto", "float32", "bfloat16"]})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 on a busy machine)"})
-    engine: str = field(default="auto", metadata={"help": "rollouts: auto | engine | simple (the in-file sampler)"})
+    eval_seed: int = field(default=1234, metadata={"help": "pins the held-out problems and the eval samples"})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_generations < 2:
             raise ValueError("--num-generations must be >= 2 (advantages are relative to the group)")
+        if self.prompts_per_step < 1:
+            raise ValueError(f"--prompts-per-step {self.prompts_per_step}: must be ≥ 1")
+        if self.max_completion_length < 1:
+            raise ValueError(f"--max-completion-length {self.max_completion_length}: must be ≥ 1")
         if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"--reward-weights has {len(self.reward_weights)} values for "
                              f"{len(self.reward_funcs)} --reward-funcs")
         if self.num_iterations < 1:
             raise ValueError("--num-iterations must be >= 1")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward/backward of the update."""
+        return math.ceil(self.prompts_per_step * self.num_generations / self.gradient_accumulation_steps)
 
 
 # ---------------------------------------------------------------------- prompts
@@ -127,79 +139,6 @@ class Rollout:
     prompt_ids: list[int]
     ids: list[int]          # completion tokens (the stop token included when it was generated)
     truncated: bool         # hit max_completion_length without stopping
-
-
-class SimpleSampler:
-    """A plain batched sampler over the dense latent cache: left-padded prompts, per-row positions.
-
-    It exists so GRPO works (and its tests run) with nothing but the model; the engine is the
-    fast path. Sampling: temperature (0 = greedy) and top-p, seeded by a torch.Generator.
-    """
-
-    def __init__(self, model, eos_id: int, pad_id: int):
-        self.model, self.eos_id, self.pad_id = model, eos_id, pad_id
-
-    @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_tokens: int, temperature: float,
-                 top_p: float = 1.0, seed: int | None = None) -> list[Rollout]:
-        from ..model.cache import DenseLatentCache
-
-        model = self.model
-        was_training = model.training
-        model.eval()
-        dev = model.embed_tokens.weight.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed if seed is not None else random.randrange(2**31))
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, L), self.pad_id, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, L + max_tokens, dtype=torch.bool, device=dev)
-        for i, p in enumerate(prompts):
-            ids[i, L - len(p):] = torch.tensor(p, device=dev)
-            valid[i, L - len(p):] = True
-        valid[:, L:] = True
-        pos = (valid[:, :L].long().cumsum(1) - 1).clamp(min=0)
-        cache = DenseLatentCache.for_model(model, B, L + max_tokens)
-        eye = torch.eye(L, dtype=torch.bool, device=dev)
-        mask = (torch.ones(L, L, dtype=torch.bool, device=dev).tril() & valid[:, None, :L]) | eye
-        logits = model(ids, positions=pos, cache=cache, mask=mask[:, None], logits_to_keep=1)[:, -1]
-        next_pos = pos[:, -1] + 1
-        out = torch.zeros(B, max_tokens, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        n = 0
-        for t in range(max_tokens):
-            tok = _sample(logits, temperature, top_p, gen)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            out[:, t] = tok
-            n = t + 1
-            done |= tok == self.eos_id
-            if bool(done.all()) or t == max_tokens - 1:
-                break
-            S = L + t + 1
-            logits = model(tok[:, None], positions=next_pos[:, None], cache=cache,
-                           mask=valid[:, None, None, :S], logits_to_keep=1)[:, -1]
-            next_pos = next_pos + 1
-        if was_training:
-            model.train()
-        res = []
-        for i, p in enumerate(prompts):
-            row = out[i, :n].tolist()
-            if self.eos_id in row:
-                res.append(Rollout(p, row[: row.index(self.eos_id) + 1], False))
-            else:
-                res.append(Rollout(p, row, True))
-        return res
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    z = logits.float() / temperature
-    if top_p < 1.0:  # the engine's nucleus filter (top-k off), then one draw from this sampler's generator
-        from ..engine.sampling import filter_top_k_top_p
-
-        no_k = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-        z = filter_top_k_top_p(z, no_k, torch.full(no_k.shape, top_p, device=z.device))
-    return torch.multinomial(z.softmax(-1), 1, generator=gen).squeeze(-1)
 
 
 class EngineSampler:
@@ -241,18 +180,6 @@ class EngineSampler:
                 ids.append(self.tok.eos_id)
             res.append(Rollout(p, ids, o.finish_reason == "length"))
         return res
-
-
-def make_sampler(kind: str, model, tok: Tokenizer, max_num_seqs: int, max_len: int):
-    if kind in ("auto", "engine"):
-        try:
-            return EngineSampler(model, tok, max_num_seqs, max_len)
-        except ImportError:
-            if kind == "engine":
-                raise
-    elif kind != "simple":
-        raise ValueError(f"--engine must be auto, engine or simple, got {kind!r}")
-    return SimpleSampler(model, tok.eos_id, tok.pad_id)
 
 
 # ---------------------------------------------------------------------- log-probs
@@ -309,14 +236,16 @@ def score(rollouts: list[Rollout], problems, tok: Tokenizer, reward_fn, rkw: dic
     return torch.tensor(total, dtype=torch.float32), comps, texts
 
 
-def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.Tensor, cfg: GRPOConfig,
+def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: torch.Tensor, cfg: GRPOConfig,
                 pad_id: int) -> dict:
-    """Advantages, masks and `num_iterations` optimizer passes for one rollout batch.
+    """Advantages, masks and `num_iterations` optimizer passes (`trainer.train_step`) for one
+    rollout batch: one step of the schedule.
 
     Returns the step's stats (TRL names where they exist); also exposes the tensors the tests
     recompute by hand under 'debug'."""
     G = cfg.num_generations
-    device = next(model.parameters()).device
+    model = trainer.model
+    device = trainer.device
     adv = group_advantages(rewards, G, cfg.scale_rewards)
     keep = filter_equal_reward_groups(rewards, G) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
     stats: dict = {"frac_reward_zero_std": frac_reward_zero_std(rewards, G),
@@ -334,6 +263,7 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     stats["num_sequences_skipped_zero_adv"] = int((~live).sum())
     if not bool(live.any()):
         stats["skipped"] = True
+        stats.update(trainer.train_step([], None))  # nothing to learn from: the step still counts
         return stats
     sel = [r for r, k in zip(kept, live.tolist()) if k]
     adv = adv[live].to(device)
@@ -350,10 +280,9 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     n_tok_live = sum(toks) or 1.0
 
     T = cfg.temperature
-    amp = autocast_dtype(cfg.dtype, device)  # the update's precision (the rollouts ran in the engine's)
     old = ref = None
     if cfg.num_iterations > 1 or cfg.beta:
-        with torch.no_grad(), autocast(amp, device):
+        with torch.no_grad(), trainer.autocast():
             if cfg.num_iterations > 1:
                 model.eval()
                 old = [completion_logprobs(model, b, temperature=T)[0] for b in batches]
@@ -362,32 +291,34 @@ def grpo_update(model, opt, ref_model, rollouts: list[Rollout], rewards: torch.T
     model.train()
     agg: dict[str, float] = {}
     ent_sum = 0.0
-    gnorm = 0.0
     debug_logp = []
+    # each loss_type normalises over the whole batch: the micro-batch means are re-weighted
+    weights = [tok_c / n_tok_total if cfg.loss_type == "dapo" else (c.stop - c.start) / N
+               for c, tok_c in zip(chunks, toks)]
     for it in range(cfg.num_iterations):
-        opt.zero_grad(set_to_none=True)
-        for j, (c, b, m, tok_c) in enumerate(zip(chunks, batches, masks, toks)):
-            with autocast(amp, device):
-                logp, ent = completion_logprobs(model, b, with_entropy=(it == 0), temperature=T)
+        def loss_fn(_, j: int):
+            nonlocal ent_sum
+            c, b, m, tok_c = chunks[j], batches[j], masks[j], toks[j]
+            logp, ent = completion_logprobs(model, b, with_entropy=(it == 0), temperature=T)
             loss, st = grpo_loss(logp, None if old is None else old[j], None if ref is None else ref[j],
                                  adv[c], m, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta,
                                  max_completion_length=cfg.max_completion_length)
-            n_c = c.stop - c.start
-            # each loss_type normalises over the whole batch: re-weight the micro-batch means
-            w = tok_c / n_tok_total if cfg.loss_type == "dapo" else n_c / N
-            (loss * w).backward()
             for k, v in st.items():  # token means over the sequences trained on
                 agg[k] = agg.get(k, 0.0) + v * tok_c / n_tok_live / cfg.num_iterations
-            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * w / cfg.num_iterations
             if it == 0:
                 ent_sum += float((ent * m).sum())
                 debug_logp.append(logp.detach())
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        opt.step()
+            bal = balance_loss(model) if cfg.balance_alpha else None
+            return (loss if bal is None else loss + cfg.balance_alpha * bal), {}
+
+        step = trainer.train_step(list(range(len(batches))), loss_fn, weights=weights,
+                                  advance=it == cfg.num_iterations - 1)
+        agg["loss"] = agg.get("loss", 0.0) + step["loss"] / cfg.num_iterations
     stats.update(agg)
+    stats.update(lr=step["lr"], grad_norm=step["grad_norm"], **({"max_violation": step["max_violation"]}
+                                                              if "max_violation" in step else {}))
     stats["entropy"] = ent_sum / n_tok_live
-    stats["grad_norm"] = gnorm
     C = max(m.shape[1] for m in masks)  # micro-batches are padded to their own longest completion
     stats["debug"] = {"advantages": adv.cpu(), "keep": keep.cpu(),
                       "mask": torch.cat([F.pad(m, (0, C - m.shape[1])) for m in masks]).cpu(),
@@ -419,102 +350,77 @@ def build_reference(model, beta: float):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-def grpo(cfg: GRPOConfig) -> Path:
-    """GRPO on a verifiable task: engine rollouts, rule rewards, clipped surrogate (+ k3 KL)."""
-    from ..cli import save_run_config
+class ProblemStream:
+    """GRPO's data position: the problem sampler's and the rollout seeds' random state, and the
+    reference policy (it moves with --ref-model-sync-steps), saved with every checkpoint."""
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    device = pick_device(cfg.device)
+    def __init__(self, seed: int, ref_model=None):
+        self.rng = random.Random(seed)
+        self.ref_model = ref_model
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(),
+                "reference": None if self.ref_model is None else self.ref_model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        if self.ref_model is not None and state.get("reference") is not None:
+            self.ref_model.load_state_dict(state["reference"])
+
+
+def grpo(cfg: GRPOConfig, on_step=None) -> Path:
+    """GRPO on a verifiable task: engine rollouts, rule rewards, clipped surrogate (+ k3 KL)."""
+    from ..report import write_report
+
     ckpt = resolve_ckpt(cfg.ckpt)
+    task = get_task(cfg.task, **cfg.task_args)  # a bad task or knob fails before the run starts
+    rt = start_run(cfg)
+    if rt.distributed:
+        raise ValueError("grpo runs in one process: its rollouts and update are not split across ranks")
     tok = Tokenizer.load(ckpt)
-    model = load_pretrained(ckpt, device=device)
-    task = get_task(cfg.task, **cfg.task_args)
-    run = Path(cfg.out)
-    if not cfg.resume and any((run / "checkpoints").glob("step_*")):
-        raise FileExistsError(f"{run / 'checkpoints'} holds checkpoints of an earlier run: pass --resume to "
-                              "continue it, or choose another --out")
-    save_run_config(cfg, run, "grpo_config.json")
+    model = load_pretrained(ckpt, device=rt.device)
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)
     reward_fn = weighted({name: (load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)})
     rkw = reward_kwargs(cfg.template)
     ref_model = build_reference(model, cfg.beta)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
-                            weight_decay=cfg.weight_decay)
+    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt)
     G = cfg.num_generations
     n_batch = cfg.prompts_per_step * G
-    sampler = make_sampler(cfg.engine, model, tok, max(n_batch, cfg.eval_problems),
-                           min(model.config.max_position_embeddings, cfg.max_completion_length + 384))
+    sampler = EngineSampler(model, tok, max(n_batch, cfg.eval_problems),
+                            min(model.config.max_position_embeddings, cfg.max_completion_length + 384))
     train_pool = task.make(max(2000, cfg.prompts_per_step * 50), cfg.seed, split="train")
     heldout = task.make(cfg.eval_problems, cfg.eval_seed, split="test")
+    stream = ProblemStream(cfg.seed, ref_model)
     print(f"grpo: {cfg.task} {cfg.task_args} template={cfg.template}, {cfg.prompts_per_step} prompts × "
-          f"G={G} per step, rollouts by {type(sampler).__name__}, beta={cfg.beta} "
-          f"({'reference model' if ref_model is not None else 'no reference model'}) on {device}")
+          f"G={G} per step, beta={cfg.beta} "
+          f"({'reference model' if ref_model is not None else 'no reference model'}) on {rt.device}")
 
-    metrics_path = run / "metrics.jsonl"
-    start, elapsed = 0, 0.0
-    history: list[dict] = []
-    if cfg.resume:
-        start, elapsed, history = resume(run, model, opt, ref_model, rng)
-    log = metrics_path.open("w")
-
-    def emit(rec: dict) -> None:
-        history.append(rec)
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-
-    for rec in history:  # what the resumed run had logged up to its checkpoint
-        log.write(json.dumps(rec) + "\n")
-    if not start:
-        ev = evaluate(sampler, heldout, tok, cfg, task)
-        emit({"step": 0, "elapsed_s": 0.0, **ev})
-        print(f"grpo eval step 0: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}", flush=True)
-    t_start = time.time() - elapsed  # elapsed_s counts on across a resume; --max-minutes is per invocation
-    t_run = time.time()
-
-    def checkpoint(path: Path) -> Path:
-        state = {"step": step, "elapsed_s": time.time() - t_start, "optimizer": opt.state_dict(),
-                 "rng": rng.getstate(), "torch_rng": torch.get_rng_state(),
-                 "reference": None if ref_model is None else ref_model.state_dict()}
-        return save_pretrained(model.eval(), path, extra={"tokenizer": lambda d: tok.save(d),
-                                                          STATE_FILE: lambda d: torch.save(state, d / STATE_FILE)})
-
-    step = start
-    for step in range(start + 1, cfg.max_steps + 1):
-        if cfg.max_minutes and time.time() - t_run > cfg.max_minutes * 60:
-            print(f"grpo: time limit {cfg.max_minutes} min reached at step {step - 1}")
-            step -= 1
-            break
-        for g in opt.param_groups:
-            g["lr"] = cfg.learning_rate * min(1.0, step / max(1, cfg.warmup_steps))
-        problems = rng.sample(train_pool, cfg.prompts_per_step)
+    def step_fn(tr: Trainer) -> dict:
+        step = tr.step + 1
+        problems = stream.rng.sample(train_pool, cfg.prompts_per_step)
         expanded = [p for p in problems for _ in range(G)]
         prompts = [build_prompt(p, tok, cfg.template) for p in expanded]
         t0 = time.time()
         rollouts = sampler.generate(prompts, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                    seed=rng.randrange(2**31))
+                                    seed=stream.rng.randrange(2**31))
         t_gen = time.time() - t0
         rewards, comps, _ = score(rollouts, expanded, tok, reward_fn, rkw)
         t1 = time.time()
-        st = grpo_update(model, opt, ref_model, rollouts, rewards, cfg, tok.pad_id)
+        st = grpo_update(tr, ref_model, rollouts, rewards, cfg, tok.pad_id)
         st.pop("debug", None)
         if ref_model is not None and cfg.ref_model_sync_steps and step % cfg.ref_model_sync_steps == 0:
             ref_model.load_state_dict(model.state_dict())
         t_upd = time.time() - t1
-        lens = [len(r.ids) for r in rollouts]
-        n_gen_tok = sum(lens)
+        n_gen_tok = sum(len(r.ids) for r in rollouts)
+        tr.tokens_seen += n_gen_tok
         trunc = sum(r.truncated for r in rollouts) / len(rollouts)
-        rec = {"step": step, "elapsed_s": round(time.time() - t_start, 1),
-               "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+        rec = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                **{f"rewards/{k}": sum(v) / len(v) for k, v in comps.items()},
                "accuracy": sum(comps["accuracy"]) / len(rollouts) if "accuracy" in comps else None,
                "completions/mean_length": n_gen_tok / len(rollouts),
                "completions/clipped_ratio": trunc,
                "tokens_per_s": round(n_gen_tok / max(1e-9, t_gen + t_upd), 1),
-               "rollout_s": round(t_gen, 2), "update_s": round(t_upd, 2),
-               "lr": opt.param_groups[0]["lr"], **st}
+               "rollout_s": round(t_gen, 2), "update_s": round(t_upd, 2), **st}
         if trunc == 1.0:
             warnings.warn(f"grpo step {step}: EVERY completion hit max_completion_length="
                           f"{cfg.max_completion_length}: rewards are 0 and the gradient is 0 — "
@@ -523,58 +429,26 @@ def grpo(cfg: GRPOConfig) -> Path:
             warnings.warn(f"grpo step {step}: EVERY group had equal rewards (advantage 0, nothing "
                           "learned) — the task is too hard or too easy for this model, or the "
                           "reward never fires (format/template mismatch?)", stacklevel=1)
-        if cfg.eval_steps and step % cfg.eval_steps == 0 and step != cfg.max_steps:
-            rec.update(evaluate(sampler, heldout, tok, cfg, task))
-        emit(rec)
-        acc = "" if rec["accuracy"] is None else f" acc {rec['accuracy']:.3f}"  # custom rewards may have none
-        print(f"grpo step {step}: reward {rec['reward']:.3f}{acc} "
-              f"fmt {rec.get('rewards/format', float('nan')):.3f} zero_std {rec['frac_reward_zero_std']:.2f} "
-              f"len {rec['completions/mean_length']:.0f} kl {rec.get('kl', 0):.4f} "
-              f"ent {rec.get('entropy', float('nan')):.3f} {rec['tokens_per_s']} tok/s"
-              + (f" | eval acc {rec['eval_accuracy']:.3f} fmt {rec['eval_format']:.3f}" if "eval_accuracy" in rec else ""),
+        if not cfg.progress:
+            acc = "" if rec["accuracy"] is None else f" acc {rec['accuracy']:.3f}"  # custom rewards may have none
+            print(f"grpo step {step}: reward {rec['reward']:.3f}{acc} "
+                  f"fmt {rec.get('rewards/format', float('nan')):.3f} zero_std {rec['frac_reward_zero_std']:.2f} "
+                  f"len {rec['completions/mean_length']:.0f} kl {rec.get('kl', 0):.4f} "
+                  f"ent {rec.get('entropy', float('nan')):.3f} {rec['tokens_per_s']} tok/s", flush=True)
+        return rec
+
+    def eval_fn(tr: Trainer) -> dict:
+        ev = evaluate(sampler, heldout, tok, cfg, task)
+        print(f"grpo eval step {tr.step}: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}",
               flush=True)
-        if cfg.save_steps and step % cfg.save_steps == 0:
-            checkpoint(run / "checkpoints" / f"step_{step:06d}")
-            for old in sorted((run / "checkpoints").glob("step_*"))[:-max(1, cfg.keep_last)]:
-                shutil.rmtree(old, ignore_errors=True)
-    ev = evaluate(sampler, heldout, tok, cfg, task)
-    emit({"step": step, "elapsed_s": round(time.time() - t_start, 1), **ev})
-    print(f"grpo eval step {step}: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}")
-    log.close()
-    out = checkpoint(run / "model")
-    plot(history, run / "grpo.png", title=f"GRPO {cfg.task} {cfg.task_args} ({cfg.template})")
-    print(f"grpo: saved {out}, metrics {metrics_path}, plot {run / 'grpo.png'}")
+        return ev
+
+    out = trainer.fit(stream, step_fn=step_fn, evaluate=eval_fn, on_step=on_step, eval_at_start=True)
+    title = f"GRPO {cfg.task} {cfg.task_args} ({cfg.template})"
+    plot(read_metrics(cfg.out), Path(cfg.out) / "grpo.png", title=title)
+    write_report(cfg.out, title=title)
+    print(f"grpo: saved {out}, metrics {Path(cfg.out) / 'metrics.jsonl'}, plot {Path(cfg.out) / 'grpo.png'}")
     return out
-
-
-STATE_FILE = "grpo_state.pt"
-
-
-def resume(run: Path, model, opt, ref_model, rng: random.Random) -> tuple[int, float, list[dict]]:
-    """Restore the newest checkpoint of `run` (RUN/checkpoints/step_*, or RUN/model of a finished
-    run) into the live objects → (its step, its elapsed seconds, the metrics logged up to it).
-    Nothing to resume from is a fresh start, said aloud."""
-    def saved_step(d: Path) -> int:  # mmap: the step without reading the optimizer state
-        return int(torch.load(d / STATE_FILE, map_location="cpu", mmap=True, weights_only=False)["step"])
-
-    found = [d for d in [*(run / "checkpoints").glob("step_*"), run / "model"] if (d / STATE_FILE).is_file()]
-    if not found:
-        print(f"grpo --resume: no checkpoint in {run}, starting fresh", flush=True)
-        return 0, 0.0, []
-    path = max(found, key=saved_step)
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-    dev = next(model.parameters()).device
-    model.load_state_dict(load_pretrained(path, device=dev).state_dict())
-    opt.load_state_dict(state["optimizer"])
-    if ref_model is not None and state["reference"] is not None:
-        ref_model.load_state_dict(state["reference"])
-    rng.setstate(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    step = int(state["step"])
-    metrics = run / "metrics.jsonl"
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.exists() else []
-    print(f"grpo: resumed from {path} at step {step}", flush=True)
-    return step, float(state["elapsed_s"]), [r for r in rows if r["step"] <= step]
 
 
 def plot(history: list[dict], path: Path, title: str = "GRPO") -> Path:

@@ -10,7 +10,7 @@ minutes, into a model that adds held-out numbers correctly more often than not (
 
 A run directory holds: config.json (the resolved PretrainConfig), tokenizer/ (trained here when
 none is given and the data is builtin), metrics.jsonl, checkpoints/step_N/ (the last K),
-final/ (a complete HF directory: `nanoseek.load_model(dir)` and transformers both load it),
+model/ (a complete HF directory: `nanoseek.load_model(dir)` and transformers both load it),
 eval.json and report.md with the loss curve.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ from ..config import preset
 from ..model import DeepSeekV3
 from ..data.sources import parse_builtin
 from .data import BUILTIN_DEFAULT_DOCS, BatchLoader, open_streams, val_batches
-from .loop import Trainer, TrainConfig, init_distributed
+from .loop import Trainer, TrainConfig, start_run
 
 
 @dataclass
@@ -37,23 +38,33 @@ class PretrainConfig(TrainConfig):
     preset: str = field(default="small", metadata={"help": "model preset (nanoseek.config.PRESETS)"})
     data: str = field(default="builtin:arith", metadata={"help": "token shard dir (nanoseek data prepare) or builtin:NAME[?n=&seed=]"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir; default: trained into RUN/tokenizer (builtin data)"})
+    SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = (*TrainConfig.SCHEDULE_FIELDS, "batch_size", "seq_len")
+
     out: str = field(default="runs/pretrain", metadata={"help": "run directory"})
-    steps: int = 1400  # 2.9M tokens: about nine minutes on two quiet cores (~5.8k tokens/s)
-    batch_size: int = 8  # measured: per token, batch 8 learns the digit copying far sooner than 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    warmup_steps: int = 30
+    # 1400 steps = 2.9M tokens: about nine minutes on two quiet cores (~5.8k tokens/s)
+    max_steps: int = field(default=1400, metadata={"help": "optimizer steps"})
+    # measured: per token, batch 8 learns the digit copying far sooner than 16
+    batch_size: int = field(default=8, metadata={"help": "global batch in sequences per optimizer step (all ranks)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per sequence (at most the preset's max_position_embeddings)"})
+    learning_rate: float = field(default=3e-3, metadata={"help": "peak learning rate"})
+    warmup_steps: int = field(default=30, metadata={"help": "linear warmup steps"})
     mtp_weight: float = field(default=0.3, metadata={"help": "λ of the MTP loss (V3: 0.3 early, 0.1 later)"})
-    balance_alpha: float = field(default=1e-4, metadata={"help": "α of the sequence-wise balance loss"})
     vocab_size: int = field(default=0, metadata={"help": "model vocab; 0 = the tokenizer's, rounded up to 64 (at most the preset's)"})
     val_tokens: int = field(default=16384, metadata={"help": "validation tokens per evaluation"})
-    eval_every: int = 100
-    save_every: int = 100
+    eval_steps: int = field(default=100, metadata={"help": "steps between validation-loss evaluations; 0 = only at the end"})
+    save_steps: int = field(default=100, metadata={"help": "steps between resumable checkpoints; 0 = only RUN/model at the end"})
     arith_eval: int = field(default=200, metadata={"help": "held-out addition problems scored at the end (builtin:arith); 0 = skip"})
     arith_digits: int = field(default=3, metadata={"help": "max digits per operand in the addition eval"})
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ctx = preset(self.preset).max_position_embeddings  # an unknown preset is a ValueError here too
+        if self.seq_len > ctx:
+            raise ValueError(f"--seq-len {self.seq_len} exceeds the {self.preset} preset's context "
+                             f"(max_position_embeddings={ctx})")
 
-def get_tokenizer(cfg: PretrainConfig, vocab_size: int, env):
+
+def get_tokenizer(cfg: PretrainConfig, vocab_size: int, rt):
     """The given tokenizer, or one trained on the builtin corpus into RUN/tokenizer (rank 0 trains)."""
     from ..tokenizer import Tokenizer
 
@@ -62,13 +73,13 @@ def get_tokenizer(cfg: PretrainConfig, vocab_size: int, env):
     path = Path(cfg.out) / "tokenizer"
     if not cfg.data.startswith("builtin:"):
         raise ValueError(f"--data {cfg.data}: token shards were made with a tokenizer; pass it with --tokenizer")
-    if env.is_main and not (cfg.resume and (path / "tokenizer.json").exists()):
+    if rt.is_main and not (cfg.resume and (path / "tokenizer.json").exists()):
         from ..tasks import builtin_corpus
 
         name, n, seed, knobs = parse_builtin(cfg.data, BUILTIN_DEFAULT_DOCS)
         tok = Tokenizer.train(builtin_corpus(name, min(n, 5000), seed, **knobs), vocab_size)
         tok.save(path)
-    if env.distributed:
+    if rt.distributed:
         dist.barrier()
     return Tokenizer.load(path)
 
@@ -95,47 +106,41 @@ def lm_loss(mtp_weight: float, balance_alpha: float):
 
 
 def pretrain(cfg: PretrainConfig, on_step=None) -> Path:
-    """Pretrain, evaluate, write the report; returns RUN/final."""
-    from ..cli import save_run_config
+    """Pretrain, evaluate, write the report; returns RUN/model."""
     from ..eval.loss import evaluate_loss, token_bytes
 
-    env = init_distributed(cfg.device)
+    rt = start_run(cfg)
     base = preset(cfg.preset)
-    tok = get_tokenizer(cfg, base.vocab_size, env)
+    tok = get_tokenizer(cfg, base.vocab_size, rt)
     mcfg = base.replace(vocab_size=model_vocab(cfg, base.vocab_size, tok.vocab_size),
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    if cfg.seq_len + 1 > mcfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {cfg.preset} preset's "
-                         f"max_position_embeddings={mcfg.max_position_embeddings}")
-    if env.is_main:
-        save_run_config(cfg, cfg.out)
     train, val = open_streams(cfg.data, tok)
     if train.vocab_size and train.vocab_size > mcfg.vocab_size:
         raise ValueError(f"--data {cfg.data}: ids up to {train.vocab_size} but the model has {mcfg.vocab_size}")
-    loader = BatchLoader(train, cfg.batch_size, cfg.seq_len, env.rank, env.world_size)
-    torch.manual_seed(cfg.seed)  # every rank builds the same initial weights
+    loader = BatchLoader(train, cfg.batch_size, cfg.seq_len, rt.rank, rt.world_size)
     model = DeepSeekV3(mcfg)
-    trainer = Trainer(cfg, model, tokenizer=tok, env=env,
+    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt,
                       find_unused_parameters=not cfg.mtp_weight and mcfg.num_nextn_predict_layers > 0)
     nbytes = token_bytes(tok, mcfg.vocab_size)
 
     def evaluate(tr: Trainer) -> dict:
-        batches = val_batches(val, max(1, cfg.micro_batch_size or cfg.batch_size), cfg.seq_len, cfg.val_tokens)
+        batches = val_batches(val, max(1, cfg.batch_size // cfg.gradient_accumulation_steps), cfg.seq_len,
+                              cfg.val_tokens)
         r = evaluate_loss(tr.model, batches, tr.device, nbytes, tr.amp)
         return {k: round(v, 5) if isinstance(v, float) else v for k, v in r.items()}
 
     final = trainer.fit(loader, lm_loss(cfg.mtp_weight, cfg.balance_alpha), evaluate=evaluate, on_step=on_step)
-    if env.is_main:
+    if rt.is_main:
         results = {}
         if cfg.arith_eval and cfg.data.startswith("builtin:arith"):
-            results = evaluate_arith(final, tok, cfg.arith_eval, cfg.arith_digits, env.device)
+            results = evaluate_arith(final, tok, cfg.arith_eval, cfg.arith_digits, rt.device)
             trainer.log({"step": trainer.step, "arith_accuracy": results["accuracy"],
                          "arith_n": results["n"], "arith_digits": results["digits"]})
             (Path(cfg.out) / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         from ..report import write_report
 
         write_report(cfg.out, title=f"pretrain: {cfg.preset} on {cfg.data}", evals=results)
-    if env.distributed:
+    if rt.distributed:
         dist.barrier()
     return final
 

@@ -15,40 +15,52 @@ the main head's behaviour, not a denser pretraining signal).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import parse_qsl
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_pretrained, save_pretrained
+from ..checkpoint import load_pretrained
 from ..tokenizer import Tokenizer
+from .loop import Trainer, TrainConfig, balance_loss, start_run
+from .rundir import resolve_ckpt
 
 BUILTIN_SETS = {"sft-arith": "arithmetic", "sft-countdown": "countdown"}
 
 
-@dataclass
-class SFTConfig:
-    ckpt: str = field(metadata={"help": "base checkpoint directory (with tokenizer.json)"})
+@dataclass(kw_only=True)
+class SFTConfig(TrainConfig):
+    """`nanoseek sft`: the shared training knobs, with SFT's defaults, and the chat data."""
+
+    SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = (*TrainConfig.SCHEDULE_FIELDS, "batch_size", "seq_len", "epochs")
+    MIN_STEPS: ClassVar[int] = 0
+
+    ckpt: str = field(metadata={"help": "base checkpoint directory (with tokenizer.json), or any stage's run directory"})
     data: str = field(metadata={"help": "chat jsonl with 'messages', or builtin:sft-arith / builtin:sft-countdown[?n=&seed=&KNOB=]"})
-    out: str = field(metadata={"help": "run directory: model/ (HF checkpoint + tokenizer), metrics.jsonl, sft_config.json"})
-    epochs: float = field(default=2.0, metadata={"help": "passes over the data (fractional ok)"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (0: set by epochs)"})
-    batch_size: int = field(default=8, metadata={"help": "packed rows per step"})
+    out: str = field(metadata={"help": "run directory: model/ (HF checkpoint + tokenizer), config.json, metrics.jsonl, report.md"})
+    epochs: float = field(default=2.0, metadata={"help": "passes over the data (fractional ok); sets the steps when --max-steps is 0"})
+    max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = as many as --epochs take"})
+    batch_size: int = field(default=8, metadata={"help": "packed rows per optimizer step (all ranks)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed row"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine to 10%)"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (cosine to --min-lr-ratio of it)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW decay on matrices (not norms/embeddings/biases)"})
+    router_gamma: float = field(default=0.0, metadata={"help": "γ of the aux-loss-free router-bias update after each step; "
+                                                       "0 = off (DeepSeek ends pretraining with γ = 0)"})
+    balance_alpha: float = field(default=0.0, metadata={"help": "α of the sequence-wise balance loss; 0 = off"})
     pack: bool = field(default=True, metadata={"help": "pack conversations (block-diagonal attention)"})
-    seed: int = 0
-    device: str = field(default="auto", metadata={"help": "cpu | cuda | auto"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default; 1 on a busy machine)"})
-    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.epochs <= 0 and not self.max_steps:
+            raise ValueError(f"--epochs {self.epochs}: must be > 0 (or give --max-steps)")
 
 
 # ---------------------------------------------------------------------- data
@@ -147,91 +159,84 @@ def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same)[:, None]
 
 
-def batches(rows, batch_size: int, seed: int, device):
-    """Endless shuffled epochs of collated batches."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for i in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            chunk = [rows[j] for j in order[i:i + batch_size]]
-            ids, tgt, pos, doc = (torch.tensor([c[k] for c in chunk], device=device) for k in range(4))
-            yield ids, tgt, pos, doc
+class PackedBatches:
+    """Endless shuffled epochs of packed rows, collated; this rank's slice of each global batch.
+
+    The position is the shuffler's state at the start of the epoch and the index into it, so a
+    resume re-draws the same order and continues at the next batch."""
+
+    def __init__(self, rows, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size % world_size:
+            raise ValueError(f"--batch-size {batch_size} is not divisible by the {world_size} processes")
+        self.rows, self.batch_size, self.rank, self.world_size = rows, batch_size, rank, world_size
+        self.rng = random.Random(seed)
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self._epoch_rng = self.rng.getstate()
+        self.order = list(range(len(self.rows)))
+        self.rng.shuffle(self.order)
+        self.index = 0
+
+    def next(self):
+        B = self.batch_size
+        if self.index >= (len(self.order) - B + 1 if len(self.order) >= B else 1):  # full batches only
+            self._new_epoch()
+        chunk = self.order[self.index:self.index + B]
+        self.index += B
+        per = len(chunk) // self.world_size or len(chunk)
+        chunk = chunk[self.rank * per:(self.rank + 1) * per] or chunk
+        return tuple(torch.tensor([self.rows[j][k] for j in chunk]) for k in range(4))
+
+    def state_dict(self) -> dict:
+        return {"rng": self._epoch_rng, "index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.setstate(state["rng"])
+        self._new_epoch()
+        self.index = int(state["index"])
 
 
 # ---------------------------------------------------------------------- training
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_ckpt(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory holding one in `model/` (what sft/grpo write)."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    raise FileNotFoundError(f"{p}: neither a checkpoint (config.json) nor a run directory with model/config.json")
-
-
-def cosine_lr(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
-
-
 def sft_loss(model, ids, tgt, pos, doc) -> torch.Tensor:
     """Mean cross-entropy over assistant tokens of a packed batch."""
     logits = model(ids, positions=pos, mask=block_causal_mask(doc))  # fp32 (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
 
 
-def sft(cfg: SFTConfig) -> Path:
-    """Supervised fine-tuning on chats (assistant tokens only, packed), saves an HF checkpoint."""
-    from ..cli import save_run_config
+def sft_step_loss(balance_alpha: float):
+    """loss_fn for Trainer: the assistant-token loss of a packed batch (+ α·L_Bal when α > 0)."""
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    def fn(model, batch):
+        loss = sft_loss(model, *batch)
+        bal = balance_loss(model)
+        if balance_alpha and bal is not None:
+            return loss + balance_alpha * bal, {"sft_loss": loss, "balance_loss": bal}
+        return loss, {"balance_loss": bal}
+
+    return fn
+
+
+def sft(cfg: SFTConfig, on_step=None) -> Path:
+    """Supervised fine-tuning on chats (assistant tokens only, packed); returns RUN/model."""
+    from ..report import write_report
+
     ckpt = resolve_ckpt(cfg.ckpt)
     tok = Tokenizer.load(ckpt)
-    model = load_pretrained(ckpt, device=device)
     convs = load_conversations(cfg.data)
     rows = pack(tokenize(convs, tok, cfg.seq_len), cfg.seq_len, tok.pad_id, cfg.pack)
     n_tok = sum(sum(t != -100 for t in r[1]) for r in rows)
-    steps_per_epoch = max(1, len(rows) // cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    run = Path(cfg.out)
-    save_run_config(cfg, run, "sft_config.json")
-    print(f"sft: {len(convs)} conversations → {len(rows)} rows of {cfg.seq_len} "
-          f"({n_tok} assistant tokens), {total} steps on {device}")
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.95),
-                            weight_decay=cfg.weight_decay)
-    data = batches(rows, cfg.batch_size, cfg.seed, device)
-    log = (run / "metrics.jsonl").open("w")
-    model.train()
-    t0 = time.time()
-    for step in range(total):
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, total, cfg.learning_rate, cfg.warmup_steps)
-        ids, tgt, pos, doc = next(data)
-        loss = sft_loss(model, ids, tgt, pos, doc)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        opt.step()
-        if step % cfg.log_every == 0 or step == total - 1:
-            rec = {"step": step, "loss": round(float(loss.detach()), 4), "grad_norm": round(gnorm, 3),
-                   "lr": opt.param_groups[0]["lr"], "elapsed_s": round(time.time() - t0, 1)}
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            print(f"sft step {step}/{total} loss {rec['loss']:.4f} ({rec['elapsed_s']}s)", flush=True)
-    log.close()
-    model.eval()
-    out = save_pretrained(model, run / "model", extra={"tokenizer": lambda d: tok.save(d)})
-    print(f"sft: saved {out}")
+    if not cfg.max_steps:  # the resolved config (what config.json records) names the steps
+        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * max(1, len(rows) // cfg.batch_size))))
+    rt = start_run(cfg)
+    model = load_pretrained(ckpt, device=rt.device)
+    if rt.is_main:
+        print(f"sft: {len(convs)} conversations → {len(rows)} rows of {cfg.seq_len} "
+              f"({n_tok} assistant tokens), {cfg.max_steps} steps on {rt.device}")
+    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt)
+    data = PackedBatches(rows, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
+    out = trainer.fit(data, sft_step_loss(cfg.balance_alpha), on_step=on_step)
+    if rt.is_main:
+        write_report(cfg.out, title=f"sft: {cfg.data} from {cfg.ckpt}")
+        print(f"sft: saved {out}")
     return out
