@@ -81,6 +81,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
             kw.update(type=tp if tp in (int, float, str) else str)
             if is_list:
                 kw["nargs"] = "*"
+                if f.metadata.get("repeatable"):  # --key a --key b → [a, b] (a plain list keeps the last);
+                    kw.update(action="extend", nargs="+")  # a bare --key is an error, not an empty list
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
         parser.add_argument(flag, **kw)

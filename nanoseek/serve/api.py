@@ -22,12 +22,15 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
+import re
 import time
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +50,10 @@ log = logging.getLogger("nanoseek.serve")
 UI_DIR = Path(__file__).parent / "ui"
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
 @dataclass
 class ServeConfig:
     """`nanoseek serve`: the HTTP API and web chat page for one checkpoint."""
@@ -55,8 +62,11 @@ class ServeConfig:
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000, metadata={"help": "TCP port"})
     api_key: list[str] = field(default_factory=list, metadata={
-        "help": "accepted Bearer tokens; none = no auth. Also read from $NANOSEEK_API_KEYS (comma-separated), "
-                "which keeps keys out of `ps`"})
+        "repeatable": True,
+        "help": "an accepted Bearer token (repeat the flag for more); none = no auth. Also read from "
+                "$NANOSEEK_API_KEYS (comma-separated), which keeps keys out of `ps`"})
+    auth_metrics_docs: bool = field(default=False, metadata={
+        "help": "also require the API key for /metrics and the OpenAPI pages (/docs, /redoc, /openapi.json)"})
     model_name: str = field(default="nanoseek", metadata={"help": "model id clients send and /v1/models lists"})
     think: bool = field(default=False, metadata={
         "help": "pre-open <think> in the generation prompt for `model_name` (the reasoner template); "
@@ -68,6 +78,8 @@ class ServeConfig:
         "help": "requests allowed to wait beyond max_num_seqs; past it 429 with Retry-After"})
     max_tokens_limit: int | None = field(default=None, metadata={
         "help": "upper bound on max_tokens per request (default: the rest of the context)"})
+    max_body_bytes: int = field(default=4 * 2**20, metadata={
+        "help": "largest request body accepted; a larger one is a 413 before it is parsed"})
     keepalive_s: float = field(default=5.0, metadata={"help": "seconds between SSE ': keep-alive' comments"})
     max_num_seqs: int = field(default=64, metadata={"help": "engine: sequences decoded together"})
     max_batch_tokens: int = field(default=2048, metadata={"help": "engine: tokens per step (prefill chunking)"})
@@ -76,11 +88,56 @@ class ServeConfig:
     enable_prefix_cache: bool = field(default=True, metadata={"help": "engine: reuse cached prompt prefixes"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: best available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 / bfloat16 / float16"})
-    log_level: str = field(default="info", metadata={"help": "uvicorn log level"})
+    log_level: str = field(default="info", metadata={"help": "uvicorn log level", "choices": LOG_LEVELS})
+
+    def __post_init__(self) -> None:
+        """Bad values fail here, as one line naming the flag, not as a traceback from uvicorn or the engine."""
+        from nanoseek.engine.engine import check_device
+
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"--port {self.port}: must be in [0, 65535]")
+        for name in ("max_num_seqs", "max_batch_tokens", "block_size", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
+        for name in ("cache_tokens", "max_tokens_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
+        if self.max_queue < 0:
+            raise ValueError(f"--max-queue {self.max_queue}: must be ≥ 0")
+        if not (math.isfinite(self.keepalive_s) and self.keepalive_s > 0):
+            raise ValueError(f"--keepalive-s {self.keepalive_s}: must be a finite number of seconds > 0")
+        for name in ("price_cache_hit", "price_cache_miss", "price_output"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} {v}: must be a finite price ≥ 0")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"--log-level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
+        if Path(self.ckpt).is_file():
+            raise ValueError(f"--ckpt {self.ckpt}: is a file; expected a checkpoint directory "
+                             "(config.json, model.safetensors, tokenizer.json)")
+        check_device(self.device)
+        for k in self.api_key:
+            _check_key(k, "--api-key")
+        self.keys()  # $NANOSEEK_API_KEYS too: a bad key refuses to start, never turns auth off
 
     def keys(self) -> list[str]:
-        env = [k.strip() for k in os.environ.get("NANOSEEK_API_KEYS", "").split(",") if k.strip()]
-        return list(self.api_key) + env
+        env = os.environ.get("NANOSEEK_API_KEYS")
+        from_env = [] if env is None else env.split(",")
+        for k in from_env:
+            _check_key(k, "$NANOSEEK_API_KEYS")
+        return list(self.api_key) + from_env
+
+
+def _check_key(key: str, where: str) -> None:
+    """An empty key (an unset ``$KEY`` on the command line, a trailing comma) must stop the server
+    from starting: taken as "no key" it would silently serve everyone."""
+    if not key or not key.strip():
+        raise ValueError(f"{where}: an API key is empty (an unset variable?); give a non-empty key or none at all")
+    if key != key.strip() or not key.isascii() or not key.isprintable() or " " in key:
+        raise ValueError(f"{where}: an API key must be printable ASCII without spaces "
+                         "(it travels in an 'Authorization: Bearer' header)")
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -88,12 +145,14 @@ class APIError(Exception):
     """An error the client should see, in OpenAI's shape, with DeepSeek's status codes."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "insufficient_balance",
-             404: "not_found_error", 422: "invalid_request_error", 429: "rate_limit_error",
-             500: "server_error", 503: "overloaded_error"}
+             404: "not_found_error", 413: "invalid_request_error", 422: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "overloaded_error"}
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
+        # a lone surrogate echoed from the request would make the JSON body unencodable (a 500)
+        message, param = _printable(message), (None if param is None else _printable(param))
         self.status, self.message, self.code, self.param = status, message, code, param
         self.headers = headers or {}
 
@@ -103,6 +162,41 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body().model_dump(), status_code=self.status, headers=self.headers)
+
+
+def _printable(s: str) -> str:
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _bad_unicode(obj: Any, path: str = "") -> str | None:
+    """The path (``messages[0].content``) of the first string, or dict key, that is not valid
+    Unicode — JSON may carry lone surrogates (``"\\ud800"``), which no tokenizer can encode."""
+    if isinstance(obj, str):
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            where = f"{path}.{k}" if path else str(k)
+            if isinstance(k, str) and _bad_unicode(k) is not None:
+                return where
+            if (bad := _bad_unicode(v, where)) is not None:
+                return bad
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            if (bad := _bad_unicode(v, f"{path}[{i}]")) is not None:
+                return bad
+    return None
+
+
+def check_unicode(req) -> None:
+    """Every string of the request is valid Unicode, or a 400 naming the field."""
+    bad = _bad_unicode(req.model_dump(exclude_none=True))
+    if bad is not None:
+        raise APIError(400, f"{bad} is not valid Unicode (it holds a lone UTF-16 surrogate)", "invalid_unicode",
+                       param=bad)
 
 
 def _validation_error(exc: RequestValidationError) -> APIError:
@@ -162,10 +256,106 @@ class _StatusRecorder:
             self.metrics.requests.inc(endpoint=path if path in known else "other", status=str(status["code"]))
 
 
+PROTECTED = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+class _Guard:
+    """Pure ASGI middleware in front of every route: a body larger than ``max_body_bytes`` is a
+    413 before anything parses it (a 10 MB message must not reach JSON parsing or the tokenizer),
+    and with ``auth_metrics_docs`` the info pages need the key too.
+
+    A too-large body is read and dropped (up to a cap) before the 413 goes out, so a client still
+    writing its body reads the 413 instead of a reset connection."""
+
+    DRAIN_CAP = 64 * 2**20
+
+    def __init__(self, app, srv: "_Server"):
+        self.app, self.srv = app, srv
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        srv = self.srv
+        if srv.cfg.auth_metrics_docs and scope.get("path") in PROTECTED:
+            headers = dict(scope.get("headers") or [])
+            if not srv.authorized(headers.get(b"authorization", b"").decode("latin-1")):
+                return await _send_error(send, srv.auth_error())
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        limit = srv.cfg.max_body_bytes
+        chunks, size, more = [], 0, True
+        while more and size <= self.DRAIN_CAP:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            body = msg.get("body", b"")
+            size += len(body)
+            if size <= limit:
+                chunks.append(body)
+            more = msg.get("more_body", False)
+        if size > limit:
+            return await _send_error(send, APIError(
+                413, f"request body is larger than this server's limit of {limit} bytes", "request_too_large"))
+        replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed, send)
+
+
+async def _send_error(send, err: "APIError") -> None:
+    resp = err.response()
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in resp.headers.items()]
+    await send({"type": "http.response.start", "status": resp.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": resp.body})
+
+
+_SECRET_QUERY = re.compile(r"([?&;][^=&;\s]*(?:key|token|secret|auth|pass)[^=&;\s]*=)[^&;\s\"]*", re.I)
+
+
+class _RedactSecrets(logging.Filter):
+    """uvicorn's access log writes the full path, query string included: a key sent as
+    ``?api_key=…`` (or any accepted key anywhere in a line) is written as ``***``."""
+
+    def __init__(self, keys: list[str]):
+        super().__init__()
+        self.keys = sorted({v for k in keys for v in (k, quote(k, safe=""))}, key=len, reverse=True)
+
+    def clean(self, s: str) -> str:
+        s = _SECRET_QUERY.sub(r"\1***", s)
+        for k in self.keys:
+            s = s.replace(k, "***")
+        return s
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self.clean(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(self.clean(a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+class _Admission:
+    """One accepted request's place in ``in_flight``, held from acceptance (before tokenization)
+    until its response is done; ``release`` is idempotent, so every exit path may call it."""
+
+    def __init__(self, srv: "_Server"):
+        self.srv, self.held, self.handed_over = srv, True, False
+        srv.in_flight += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.srv.in_flight -= 1
+
+
 class _Server:
     """State shared by the route handlers: engine, tokenizer, config, metrics, admission counter."""
 
     def __init__(self, engine, cfg: ServeConfig):
+        if engine.tokenizer is None:
+            raise ValueError("the engine has no tokenizer: the server renders chats and decodes text with it")
         self.engine, self.cfg = engine, cfg
         self.tok = engine.tokenizer
         self.aengine = None  # AsyncEngine, created inside the running event loop (lifespan)
@@ -186,16 +376,23 @@ class _Server:
         return float(self.engine.cache_usage)
 
     # -------------------------------------------------------------- request pieces
-    def check_auth(self, request: Request) -> None:
+    def authorized(self, header: str) -> bool:
         if not self.keys:
-            return
-        header = request.headers.get("authorization", "")
+            return True
         scheme, _, token = header.partition(" ")
+        token = token.strip().encode("utf-8", "replace")
         # compare_digest against every key: no early exit that would time-leak a key's prefix
-        ok = scheme.lower() == "bearer" and any(hmac.compare_digest(token.strip().encode(), k) for k in self.keys)
-        if not ok:
-            raise APIError(401, "invalid API key: send it as 'Authorization: Bearer <key>'", "invalid_api_key",
-                           headers={"WWW-Authenticate": "Bearer"})
+        hits = [hmac.compare_digest(token, k) for k in self.keys]
+        return scheme.lower() == "bearer" and any(hits)
+
+    @staticmethod
+    def auth_error() -> APIError:
+        return APIError(401, "invalid API key: send it as 'Authorization: Bearer <key>'", "invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+    def check_auth(self, request: Request) -> None:
+        if not self.authorized(request.headers.get("authorization", "")):
+            raise self.auth_error()
 
     def check_model(self, name: str) -> bool:
         """The model id → whether its template pre-opens <think>."""
@@ -237,6 +434,11 @@ class _Server:
             raise APIError(400, f"the prompt is {prompt_len} tokens but this model's context is "
                            f"{self.engine.max_context} tokens: shorten the messages", "context_length_exceeded",
                            param="messages")
+        capacity = self.engine.num_blocks * self.engine.block_size
+        if prompt_len + 1 > capacity:
+            raise APIError(400, f"the prompt is {prompt_len} tokens but this server's KV cache holds "
+                           f"{capacity} tokens (--cache-tokens): shorten the messages", "context_length_exceeded",
+                           param="messages")
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or room
         max_tokens = min(max_tokens, room, self.cfg.max_tokens_limit or room)
         try:  # a vanishing temperature or top_p is greedy decoding: the sampler itself handles both
@@ -248,12 +450,15 @@ class _Server:
         except ValueError as e:  # the engine's own checks, should a bound here ever drift from them
             raise APIError(422, str(e), "invalid_parameter") from None
 
-    def admit(self) -> None:
+    def admit(self) -> _Admission:
+        """Accept a request (it counts in ``in_flight`` from now on) or refuse it: past
+        ``max_num_seqs + max_queue``, 429 with ``Retry-After``."""
         if self.closing or self.aengine is None:
             raise APIError(503, "the server is shutting down", "server_unavailable", headers={"Retry-After": "5"})
         if self.in_flight >= self.cfg.max_num_seqs + self.cfg.max_queue:
             raise APIError(429, f"too many requests in flight ({self.in_flight}); retry shortly",
                            "rate_limit_exceeded", headers={"Retry-After": "1"})
+        return _Admission(self)
 
     def usage(self, ev, completion_ids: list[int], in_think: bool) -> Usage:
         prompt, hit = int(ev.num_prompt_tokens), int(ev.cached_tokens)
@@ -286,6 +491,8 @@ class _Server:
         The engine stream is advanced in a task that survives the keep-alive timeouts: cancelling
         ``__anext__`` on a timeout would abort the request it is waiting for.
         """
+        from nanoseek.engine.engine import PromptTooLongError, RequestFailedError
+
         it = self.aengine.generate_stream(prompt_ids, params, request_id=request_id).__aiter__()
         pending = None
         try:
@@ -301,6 +508,11 @@ class _Server:
                     ev = task.result()
                 except StopAsyncIteration:
                     return
+                except PromptTooLongError as e:  # the engine's own bound, should the check above drift
+                    raise APIError(400, str(e), "context_length_exceeded", param="messages") from None
+                except RequestFailedError as e:  # this request alone failed; the engine serves on
+                    log.error("%s", e)
+                    raise APIError(500, str(e), "internal_error") from None
                 yield ev
                 if ev.finished:
                     return
@@ -334,15 +546,22 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         from nanoseek.engine import AsyncEngine
 
         srv.aengine = AsyncEngine(engine)
+        redact = _RedactSecrets(cfg.keys())  # added here: uvicorn configures its loggers before startup
+        loggers = [logging.getLogger(n) for n in ("uvicorn.access", "uvicorn.error")]
+        for lg in loggers:
+            lg.addFilter(redact)
         try:
             yield
         finally:
             srv.closing = True
             srv.aengine.shutdown()
+            for lg in loggers:
+                lg.removeFilter(redact)
 
     app = FastAPI(title="nanoseek", version="0.1.0", lifespan=lifespan,
                   description="OpenAI/DeepSeek-compatible API for a nanoseek checkpoint")
     app.state.server = srv
+    app.add_middleware(_Guard, srv=srv)
     app.add_middleware(_StatusRecorder, metrics=srv.metrics)
 
     @app.exception_handler(APIError)
@@ -390,16 +609,22 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
                          422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
     @app.post("/chat/completions", dependencies=auth, include_in_schema=False)
     async def chat(req: ChatCompletionRequest, request: Request):
+        check_unicode(req)
         think = srv.check_model(req.model)
-        prompt_ids, in_think = srv.render_chat(req, think)
-        top = req.top_logprobs or 0
-        params = srv.sampling_params(req, len(prompt_ids), req.logprobs or top > 0, top)
-        srv.admit()
-        rid = new_id("chatcmpl")
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_stream(srv, req, rid, prompt_ids, params, in_think, include_usage))
-        return await _until_disconnect(request, _chat_full(srv, req, rid, prompt_ids, params, in_think))
+        ticket = srv.admit()
+        try:
+            # off the event loop: a long prompt's tokenization must not stall /health or other streams
+            prompt_ids, in_think = await asyncio.to_thread(srv.render_chat, req, think)
+            top = req.top_logprobs or 0
+            params = srv.sampling_params(req, len(prompt_ids), req.logprobs or top > 0, top)
+            rid = new_id("chatcmpl")
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return _sse(_chat_stream(srv, req, rid, prompt_ids, params, in_think, include_usage), ticket)
+            return await _until_disconnect(request, _chat_full(srv, req, rid, prompt_ids, params, in_think))
+        finally:
+            if not ticket.handed_over:  # a streamed response releases it when the stream ends
+                ticket.release()
 
     # ---------------------------------------------------------------- completions
     @app.post("/v1/completions", dependencies=auth, response_model=CompletionResponse,
@@ -407,26 +632,32 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
                          422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}})
     @app.post("/completions", dependencies=auth, include_in_schema=False)
     async def completions(req: CompletionRequest, request: Request):
+        check_unicode(req)
         srv.check_model(req.model)
         if req.suffix is not None:
             raise APIError(422, "suffix (fill-in-the-middle) is not supported: nanoseek's tokenizer has no FIM "
                            "tokens", "invalid_parameter", param="suffix")
-        if isinstance(req.prompt, str):
-            prompt_ids = srv.tok.encode(req.prompt, add_bos=True, allow_special=False)
-        else:
+        if not isinstance(req.prompt, str):
             bad = [t for t in req.prompt if not 0 <= t < srv.tok.vocab_size]
             if bad:
                 raise APIError(422, f"prompt token ids out of range [0, {srv.tok.vocab_size}): {bad[:5]}",
                                "invalid_parameter", param="prompt")
-            prompt_ids = list(req.prompt)
-        top = req.logprobs or 0
-        params = srv.sampling_params(req, len(prompt_ids), req.logprobs is not None, top)
-        srv.admit()
-        rid = new_id("cmpl")
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_completion_stream(srv, req, rid, prompt_ids, params, include_usage))
-        return await _until_disconnect(request, _completion_full(srv, req, rid, prompt_ids, params))
+        ticket = srv.admit()
+        try:
+            if isinstance(req.prompt, str):
+                prompt_ids = await asyncio.to_thread(srv.tok.encode, req.prompt, True, False)
+            else:
+                prompt_ids = list(req.prompt)
+            top = req.logprobs or 0
+            params = srv.sampling_params(req, len(prompt_ids), req.logprobs is not None, top)
+            rid = new_id("cmpl")
+            if req.stream:
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                return _sse(_completion_stream(srv, req, rid, prompt_ids, params, include_usage), ticket)
+            return await _until_disconnect(request, _completion_full(srv, req, rid, prompt_ids, params))
+        finally:
+            if not ticket.handed_over:  # a streamed response releases it when the stream ends
+                ticket.release()
 
     # ---------------------------------------------------------------- the web page
     @app.get("/", include_in_schema=False)
@@ -438,9 +669,27 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
 
 
 # ------------------------------------------------------------------------------ generation bodies
-def _sse(gen) -> StreamingResponse:
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _AdmittedStream(StreamingResponse):
+    """A streamed body that holds its request's admission until the response is over — also when
+    the client left before the body began, and the generator (whose ``finally`` would) never ran."""
+
+    def __init__(self, gen, ticket: _Admission):
+        super().__init__(gen, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.ticket = ticket
+        ticket.handed_over = True
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with suppress(Exception):
+                await self.body_iterator.aclose()
+            self.ticket.release()
+
+
+def _sse(gen, ticket: _Admission) -> StreamingResponse:
+    return _AdmittedStream(gen, ticket)
 
 
 def _data(obj) -> str:
@@ -481,11 +730,9 @@ class _Run:
         self._usage: Usage | None = None
 
     def __enter__(self) -> "_Run":
-        self.srv.in_flight += 1
         return self
 
     def __exit__(self, *exc) -> None:
-        self.srv.in_flight -= 1
         usage = self.usage() if self.ev is not None else None
         self.srv.finish_metrics(usage, self.t0, self.t_first, aborted=not (self.ev is not None and self.ev.finished))
 
@@ -638,10 +885,16 @@ def _dtype(name: str | None):
 
 
 def build_engine(cfg: ServeConfig):
+    """The engine for ``cfg.ckpt``, refused before any weight is read when the directory cannot be
+    served: without tokenizer.json every chat request would fail."""
     from nanoseek.engine import Engine
 
-    if not Path(cfg.ckpt).is_dir():
+    ckpt = Path(cfg.ckpt)
+    if not ckpt.is_dir():
         raise FileNotFoundError(f"--ckpt {cfg.ckpt}: no such checkpoint directory")
+    if not (ckpt / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"--ckpt {cfg.ckpt}: no tokenizer.json in {ckpt}; the server needs the "
+                                "checkpoint's tokenizer (save it beside the weights)")
     return Engine(cfg.ckpt, device=cfg.device, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.max_num_seqs,
                   max_batch_tokens=cfg.max_batch_tokens, block_size=cfg.block_size,
                   cache_tokens=cfg.cache_tokens, enable_prefix_cache=cfg.enable_prefix_cache)
