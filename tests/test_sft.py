@@ -105,3 +105,67 @@ def test_sft_command_writes_a_checkpoint_that_learns(ckpt, tok, tmp_path):
     assert log[-1]["loss"] < 0.8 * log[0]["loss"]  # it fits the cold-start data
     assert Tokenizer.load(out).vocab_size == tok.vocab_size
     load_pretrained(out)
+
+
+def sft_cfg(ckpt, run, **kw) -> SFTConfig:
+    base = dict(ckpt=str(ckpt), data="builtin:sft-arith?n=40&seed=0", out=str(run), max_steps=6, batch_size=4,
+                seq_len=128, learning_rate=3e-3, warmup_steps=2, logging_steps=1, progress=False)
+    return SFTConfig(**{**base, **kw})
+
+
+def interrupt_at(step: int):
+    def hook(trainer, metrics):
+        if trainer.step == step:
+            raise KeyboardInterrupt
+    return hook
+
+
+def test_sft_resumes_exactly(ckpt, tmp_path):
+    """6 steps (more than an epoch of 40 chats in 4-row batches: the shuffle's state matters) ==
+    3 steps, Ctrl-C, --resume: the same losses and weights."""
+    sft(sft_cfg(ckpt, tmp_path / "whole"))
+    with pytest.raises(KeyboardInterrupt):
+        sft(sft_cfg(ckpt, tmp_path / "split"), on_step=interrupt_at(3))
+    assert (tmp_path / "split" / "checkpoints" / "step_000003" / "trainer_state.pt").is_file()
+    sft(sft_cfg(ckpt, tmp_path / "split", resume=True))
+
+    def losses(run):
+        return {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r}
+
+    a, b = losses("whole"), losses("split")
+    assert sorted(a) == sorted(b) == list(range(1, 7)) and all(abs(a[s] - b[s]) <= 1e-6 for s in a)
+    x, y = load_pretrained(tmp_path / "whole" / "model"), load_pretrained(tmp_path / "split" / "model")
+    for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6), name
+
+
+def test_router_bias_update_acts_in_sft_when_gamma_is_positive(ckpt, tmp_path):
+    """γ > 0: after a step every expert's bias moved by γ against its load in that step (down if
+    overloaded, up if underloaded); γ = 0: the bias never moves."""
+    seen = {}
+
+    def watch(trainer, metrics):
+        moes = trainer.model.moe_layers()
+        if trainer.step == 1:  # record the loads and biases right before step 2's update
+            def pre(opt, args, kwargs):
+                seen["load"] = [m.tokens_per_expert.clone() for m in moes]
+                seen["bias"] = [m.gate.e_score_correction_bias.clone() for m in moes]
+            trainer.optimizer.register_step_pre_hook(pre)
+        if trainer.step == 2:
+            seen["after"] = [m.gate.e_score_correction_bias.clone() for m in moes]
+
+    gamma = 0.01
+    sft(sft_cfg(ckpt, tmp_path / "g", max_steps=2, router_gamma=gamma), on_step=watch)
+    ran = 0
+    for load, before, after in zip(seen["load"], seen["bias"], seen["after"]):
+        if load.sum() == 0:  # the MTP module's MoE: SFT never runs it, so it has no load to balance
+            assert torch.equal(after, before)
+            continue
+        ran += 1
+        torch.testing.assert_close(after - before, gamma * torch.sign(load.mean() - load))
+    assert ran == 2  # the tiny preset's two main-model MoE layers
+    base = torch.cat([m.gate.e_score_correction_bias for m in load_pretrained(ckpt).moe_layers()])
+    sft(sft_cfg(ckpt, tmp_path / "g0", max_steps=2, router_gamma=0.0))
+    after0 = torch.cat([m.gate.e_score_correction_bias for m in load_pretrained(tmp_path / "g0" / "model").moe_layers()])
+    assert torch.equal(after0, base)

@@ -63,3 +63,22 @@ def test_two_processes_match_one(tmp_path, single, mode):
     assert state["world_size"] == 2 and state["loader"]["position"] == STEPS * BATCH * 32
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["fsdp"] == (mode == "fsdp")
+
+
+@pytest.mark.slow
+def test_sft_two_processes_match_one(tmp_path, ckpt):
+    """SFT runs on the same core: 2 ranks × 4 packed rows == one process, 2 micro-batches of 4."""
+    from nanoseek.train.sft import SFTConfig, sft
+
+    args = dict(data="builtin:sft-arith?n=40", max_steps=STEPS, batch_size=BATCH, seq_len=128, logging_steps=1)
+    sft(SFTConfig(ckpt=str(ckpt), out=str(tmp_path / "one"), gradient_accumulation_steps=2, progress=False, **args))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "nanoseek.cli", "sft",
+           "--ckpt", str(ckpt), "--out", str(tmp_path / "two"), "--progress", "false", *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for s in one:
+        assert abs(one[s] - two[s]) <= TOL, (s, one[s], two[s])

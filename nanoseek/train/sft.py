@@ -233,7 +233,9 @@ def sft(cfg: SFTConfig, on_step=None) -> Path:
     if rt.is_main:
         print(f"sft: {len(convs)} conversations → {len(rows)} rows of {cfg.seq_len} "
               f"({n_tok} assistant tokens), {cfg.max_steps} steps on {rt.device}")
-    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt)
+    # the MTP module gets no gradient in SFT: DDP must not wait for it
+    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt,
+                      find_unused_parameters=model.config.num_nextn_predict_layers > 0)
     data = PackedBatches(rows, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
     out = trainer.fit(data, sft_step_loss(cfg.balance_alpha), on_step=on_step)
     if rt.is_main:
