@@ -120,7 +120,7 @@ def stage_sft(demo: Demo) -> None:
     out = demo.root / "sft"
     banner(f"sft: {SFT_DATA} → {out}")
     if not (out / "model" / "config.json").exists():
-        sft(SFTConfig(ckpt=str(demo.latest), data=SFT_DATA, out=str(out), epochs=2))
+        sft(SFTConfig(ckpt=str(demo.latest), data=SFT_DATA, out=str(out), epochs=2, resume=True))
     demo.checkpoints["sft"] = resolve_ckpt(out)
     _task_eval(demo.checkpoints["sft"], "after SFT")
 
