@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
@@ -204,14 +204,153 @@ def load_state(model: DeepSeekV3, tensors: dict[str, tuple[torch.Tensor, str]], 
         raise ValueError(f"{where}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the key or field."""
+
+
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+def _weight_files(path: Path) -> list[Path]:
+    if (path / WEIGHTS).exists():
+        return [path / WEIGHTS]
+    if (path / INDEX).exists():
+        try:
+            index = json.loads((path / INDEX).read_text())
+            return [path / f for f in sorted(set(index["weight_map"].values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path / INDEX}: not a valid safetensors index ({e})") from None
+    raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX} here")
+
+
+def _headers(files: list[Path]) -> dict[str, tuple[Path, tuple[int, ...], str]]:
+    """Every tensor's file, shape and dtype, from the safetensors headers alone (no data read)."""
+    out: dict[str, tuple[Path, tuple[int, ...], str]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    sl = h.get_slice(k)
+                    out[k] = (f, tuple(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+    return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still allocate (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _check_size(cfg: ModelConfig, where: Path) -> dict[str, torch.Size]:
+    """The model's tensor shapes (built on the meta device: nothing allocated), after checking
+    that building it for real fits in memory: a config for 671B parameters must be one line,
+    not the kernel's OOM killer."""
+    with torch.device("meta"):
+        meta = DeepSeekV3(cfg)
+    shapes = {k: v.shape for k, v in meta.state_dict().items()}
+    n = sum(p.numel() for p in meta.parameters()) + sum(b.numel() for b in meta.buffers())
+    need = 4 * n  # built in float32, then cast
+    have = available_memory()
+    if have is not None and need > have:
+        raise CheckpointError(f"{where}: this config describes a {n / 1e9:.2f}B-parameter model, "
+                              f"{need / 2**30:.1f} GiB to build in float32, but only {have / 2**30:.1f} GiB of "
+                              "memory is available")
+    return shapes
+
+
+def _plan(cfg: ModelConfig, headers, shapes: dict[str, torch.Size], where: Path) -> list[tuple[str, str, int | None]]:
+    """Check every tensor on disk against the config before anything is built: known key,
+    floating dtype, shape; decoder layers exactly ``num_hidden_layers``; nothing missing.
+    Returns (disk key, nanoseek name, expert index) for each tensor to copy."""
+    layers: dict[int, str] = {}
+    for key, (f, _, _) in headers.items():
+        if m := re.match(r"^model\.layers\.(\d+)\.", key):
+            layers.setdefault(int(m[1]), f.name)
+    mtp = {i for i in layers if f"model.layers.{i}.eh_proj.weight" in headers}
+    main = sorted(set(layers) - mtp)
+    if main != list(range(cfg.num_hidden_layers)):
+        shown = f"model.layers.{main[0]}-{main[-1]}" if main else "none"
+        raise CheckpointError(f"{where / (layers[main[-1]] if main else WEIGHTS)}: holds {len(main)} decoder "
+                              f"layers ({shown}) but {where / 'config.json'} says num_hidden_layers="
+                              f"{cfg.num_hidden_layers}")
+    plan, seen = [], set()
+    for key, (f, shape, dt) in headers.items():
+        mapped = _from_hf_name(key, cfg)
+        if mapped is None:
+            continue
+        name, expert = mapped
+        if name not in shapes:
+            raise CheckpointError(f"{f}: unexpected key {key!r} for this config.json")
+        want = tuple(shapes[name][1:] if expert is not None else shapes[name])
+        if expert is not None and not 0 <= expert < shapes[name][0]:
+            raise CheckpointError(f"{f}: key {key!r} names expert {expert}, config.json has {shapes[name][0]}")
+        if dt not in FLOAT_DTYPES:
+            raise CheckpointError(f"{f}: key {key!r} has dtype {dt}; expected a floating-point tensor "
+                                  f"({', '.join(sorted(FLOAT_DTYPES))})")
+        if shape != want:
+            raise CheckpointError(f"{f}: key {key!r} has shape {shape}, config.json implies {want}")
+        plan.append((key, name, expert))
+        seen.add(name if expert is None else f"{name}.{expert}")
+    missing = []
+    for name, shape in shapes.items():
+        if name.startswith("rotary.") or name.endswith("tokens_per_expert"):
+            continue
+        if _EXPERT.match(name) or re.match(r"^mtp\.\d+\.block\.mlp\.experts\.\w+_proj$", name):
+            missing += [f"{name}.{e}" for e in range(shape[0]) if f"{name}.{e}" not in seen]
+        elif name not in seen:
+            missing.append(name)
+    mtp_missing = [m for m in missing if m.startswith("mtp.")]
+    if mtp_missing:  # transformers drops MTP weights on save; keep the randomly initialised ones
+        warnings.warn(f"{where}: no multi-token-prediction weights on disk ({len(mtp_missing)} tensors); "
+                      "the MTP modules are freshly initialised", stacklevel=4)
+    missing = [m for m in missing if not m.startswith("mtp.")]
+    if missing:
+        raise CheckpointError(f"{where}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    return plan
+
+
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> DeepSeekV3:
-    """A checkpoint directory (ours or transformers') → DeepSeekV3 in eval mode."""
+    """A checkpoint directory (ours or transformers') → DeepSeekV3 in eval mode.
+
+    Everything that can be checked without the model is checked before it is built: the config's
+    fields, the model's size against free memory, every tensor's key, dtype and shape and the
+    layer count (from the safetensors headers). Values are then copied one tensor at a time
+    (never all of the file and the model in memory at once), each checked to be finite.
+    """
     path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path}: is a file; a checkpoint is a directory (config.json, model.safetensors)")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
     cfg = ModelConfig.load(path / "config.json")
-    tensors = _read_weights(path)
+    files = _weight_files(path)
+    headers = _headers(files)
+    shapes = _check_size(cfg, path / "config.json")
+    plan = _plan(cfg, headers, shapes, path)
     model = DeepSeekV3(cfg)  # initialised, so anything the file may lack (MTP) has defined values
-    load_state(model, tensors, path)
+    own = model.state_dict()
+    by_file: dict[Path, list[tuple[str, str, int | None]]] = {}
+    for key, name, expert in plan:
+        by_file.setdefault(headers[key][0], []).append((key, name, expert))
+    with torch.no_grad():
+        for f, items in by_file.items():
+            try:
+                with safe_open(str(f), framework="pt") as h:
+                    for key, name, expert in items:
+                        t = h.get_tensor(key)
+                        if not torch.isfinite(t).all():
+                            raise CheckpointError(f"{f}: key {key!r} holds NaN or infinite values")
+                        (own[name][expert] if expert is not None else own[name]).copy_(t)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
     return cast(model.to(device), dtype).eval()
 
 

@@ -16,6 +16,13 @@ from pathlib import Path
 from typing import Any
 
 
+# shape-giving fields: a config.json must name them (defaults would silently describe the 671B model)
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "deepseek_v3"  # or "deepseek_v2" (softmax routing, no bias)
@@ -83,6 +90,27 @@ class ModelConfig:
 
         if self.model_type not in ("deepseek_v3", "deepseek_v2"):
             bad(f"model_type must be deepseek_v3 or deepseek_v2, got {self.model_type!r}")
+        # sizes first: a zero, negative or non-integer size would fail deep inside a module's
+        # construction (or, for a huge one, only after allocating it)
+        for name in POSITIVE_INTS:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(f"{name} must be a positive integer, got {v!r}")
+        for name in ("n_routed_experts", "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(f"{name} must be an integer ≥ 0, got {v!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 1):
+            bad(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
+        if self.n_routed_experts:
+            for name in ("moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group"):
+                v = getattr(self, name)
+                if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                    bad(f"{name} must be a positive integer with routed experts, got {v!r}")
+        for name in ("rope_theta", "rms_norm_eps", "routed_scaling_factor"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                bad(f"{name} must be a finite number > 0, got {v!r}")
         if self.scoring_func not in ("sigmoid", "softmax"):
             bad(f"scoring_func must be sigmoid or softmax, got {self.scoring_func!r}")
         if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
@@ -163,6 +191,8 @@ class ModelConfig:
             for k in ("n_group", "topk_group"):
                 if d.get(k) is None:
                     d[k] = 1
+        if "n_routed_experts" in d and d["n_routed_experts"] is None:  # transformers' spelling of "dense"
+            d["n_routed_experts"] = 0
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
         if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
@@ -189,6 +219,14 @@ class ModelConfig:
             raise FileNotFoundError(f"{path}: no config.json here") from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: cannot read ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: must hold a JSON object, got {type(d).__name__}")
+        missing = [k for k in REQUIRED if k not in d]
+        if missing:
+            raise ValueError(f"{path}: lacks required field(s) {', '.join(missing)} (a deepseek_v3 config.json "
+                             "names every size)")
         return cls.from_hf_dict(d, source=str(path))
 
     def replace(self, **changes: Any) -> "ModelConfig":

@@ -7,12 +7,15 @@ answer, and — as the DeepSeek API asks — is not sent back to the model in la
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..tokenizer import END_THINK, THINK
 
 DIM, RESET = "\033[2m", "\033[0m"
+DTYPES = (None, "float32", "fp32", "bfloat16", "bf16")
 
 
 @dataclass
@@ -30,6 +33,35 @@ class _Sampling:
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)"})
 
+    def __post_init__(self) -> None:
+        """Bad values fail here, as one line naming the flag, before the checkpoint is read."""
+        from .engine import check_device
+
+        def finite(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            ok = math.isfinite(v) and (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or v <= hi)
+            if not ok:
+                rng = f"({lo}, ∞)" if lo_open else (f"[{lo}, {hi}]" if hi is not None else f"[{lo}, ∞)")
+                raise ValueError(f"--{name.replace('_', '-')} {v}: must be a finite number in {rng}")
+
+        if self.max_tokens < 1:
+            raise ValueError(f"--max-tokens {self.max_tokens}: must be ≥ 1")
+        finite("temperature", 0)
+        finite("top_p", 0, 1)
+        if self.top_k < 0:
+            raise ValueError(f"--top-k {self.top_k}: must be ≥ 0 (0 = off)")
+        finite("frequency_penalty", -2, 2)
+        finite("presence_penalty", -2, 2)
+        finite("repetition_penalty", 0, lo_open=True)
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed}: must be in [-2^63, 2^63)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
+        if Path(self.ckpt).is_file():
+            raise ValueError(f"--ckpt {self.ckpt}: is a file; expected a checkpoint directory "
+                             "(config.json, model.safetensors, tokenizer.json)")
+        check_device(self.device)
+
     def params(self):
         from .sampling import SamplingParams
 
@@ -43,14 +75,14 @@ class _Sampling:
 
         from .engine import Engine
 
-        dtypes = {None: None, "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+        ckpt = Path(self.ckpt)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"--ckpt {self.ckpt}: no such checkpoint directory")
+        if not (ckpt / "tokenizer.json").is_file():  # before the weights are read, not after
+            raise FileNotFoundError(f"--ckpt {self.ckpt}: no tokenizer.json in {ckpt} beside the weights")
+        dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                   "bf16": torch.bfloat16}
-        if self.dtype not in dtypes:
-            raise ValueError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
-        eng = Engine(self.ckpt, device=self.device, dtype=dtypes[self.dtype], max_num_seqs=4)
-        if eng.tokenizer is None:
-            raise FileNotFoundError(f"--ckpt {self.ckpt}: no tokenizer.json beside the weights")
-        return eng
+        return Engine(self.ckpt, device=self.device, dtype=dtypes.get(self.dtype), max_num_seqs=4)
 
 
 @dataclass
