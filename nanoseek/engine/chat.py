@@ -61,6 +61,12 @@ class _Sampling:
             raise ValueError(f"--ckpt {self.ckpt}: is a file; expected a checkpoint directory "
                              "(config.json, model.safetensors, tokenizer.json)")
         check_device(self.device)
+        # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode
+        for name in ("prompt", "system", "stop"):
+            values = getattr(self, name, None)
+            for v in [values] if isinstance(values, str) else (values or []):
+                if not _valid_unicode(v):
+                    raise ValueError(f"--{name} is not valid UTF-8 text")
 
     def params(self):
         from .sampling import SamplingParams
@@ -101,6 +107,14 @@ class ChatConfig(_Sampling):
     system: str | None = field(default=None, metadata={"help": "system prompt"})
     think: bool = field(default=False, metadata={"help": "start each reply inside <think> (reasoner models)"})
     max_tokens: int = field(default=512, metadata={"help": "most tokens per reply"})
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ThinkPrinter:
@@ -175,6 +189,9 @@ def chat(cfg: ChatConfig) -> None:
             return
         if user.strip() == "/reset":
             messages = list(base)
+            continue
+        if not _valid_unicode(user):
+            print("(that line is not valid UTF-8 text; type it again)", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": user})
         ids = tok.render_chat(messages, add_generation_prompt=True, think=cfg.think)[0]
