@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 import warnings
@@ -374,9 +375,9 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
 
     ckpt = resolve_ckpt(cfg.ckpt)
     task = get_task(cfg.task, **cfg.task_args)  # a bad task or knob fails before the run starts
-    rt = start_run(cfg)
-    if rt.distributed:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("grpo runs in one process: its rollouts and update are not split across ranks")
+    rt = start_run(cfg)
     tok = Tokenizer.load(ckpt)
     model = load_pretrained(ckpt, device=rt.device)
     weights = cfg.reward_weights or [1.0] * len(cfg.reward_funcs)

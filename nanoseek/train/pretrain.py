@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from ..config import preset
