@@ -223,10 +223,17 @@ class Trainer:
 
     `model` is the plain module (a DeepSeekV3); `trainer.model` stays that module, and
     `trainer.wrapped` is what forwards run through (DDP / FSDP2 / compiled).
+
+    `grad_sync="all_reduce"` (data parallel without the DDP wrapper) is for a stage whose
+    forward is not the module's own — DDP's reducer arms only in `DDP.forward`, and GRPO's
+    shared-prefix pass never calls it — and whose ranks may run different numbers of
+    micro-batches in a step (dynamic sampling drops groups rank by rank): the gradients are
+    averaged over ranks in one all-reduce after the last micro-batch, whatever each rank ran.
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, tokenizer=None, rt: Runtime | None = None,
-                 find_unused_parameters: bool = False, optimizer: torch.optim.Optimizer | None = None):
+                 find_unused_parameters: bool = False, optimizer: torch.optim.Optimizer | None = None,
+                 grad_sync: str = "ddp"):
         self.cfg = cfg
         self.rt = rt or init_runtime(cfg.device, cfg.dtype, cfg.threads)
         self.device = self.rt.device
@@ -236,7 +243,16 @@ class Trainer:
         self.model = model.to(self.device)
         self.model.train()
         self.wrapped: nn.Module = self.model
-        if self.rt.distributed and cfg.fsdp:
+        if grad_sync not in ("ddp", "all_reduce"):
+            raise ValueError(f"grad_sync must be 'ddp' or 'all_reduce', got {grad_sync!r}")
+        self.all_reduce_grads = grad_sync == "all_reduce" and self.rt.distributed
+        if self.all_reduce_grads:
+            if cfg.fsdp:
+                raise ValueError("--fsdp: this stage's forward is not the module's own, so it cannot be sharded; "
+                                 "drop --fsdp (its ranks keep whole replicas and average gradients)")
+            for t in self.model.state_dict().values():  # every rank starts from rank 0's weights, as DDP does
+                dist.broadcast(t, 0)
+        elif self.rt.distributed and cfg.fsdp:
             from torch.distributed.fsdp import fully_shard
 
             # shard block by block (each is gathered just for its own forward/backward), then the root.
@@ -299,8 +315,10 @@ class Trainer:
 
         Each micro-batch's loss is divided by their number (the gradient of the mean loss), or
         multiplied by `weights[i]` when a stage normalises over the whole batch itself (GRPO).
-        DDP/FSDP average across ranks. `advance=False` keeps the schedule's step: GRPO's μ
-        updates of one rollout batch share one lr. Returns the step's metrics, averaged over
+        DDP/FSDP (and `grad_sync="all_reduce"`) average across ranks; under the latter a rank may
+        pass fewer micro-batches than another, or none, and the step is taken when any rank had
+        one (the names loss_fn returns must then be the same on every rank that ran one).
+        `advance=False` keeps the schedule's step: GRPO's μ updates of one rollout batch share one lr. Returns the step's metrics, averaged over
         micro-batches and ranks: loss, every named value loss_fn returned, lr, grad_norm, and for
         MoE models `max_violation` (one value per MoE layer). No micro-batches: no update.
         """
@@ -328,8 +346,11 @@ class Trainer:
             first = mb[0] if isinstance(mb, (tuple, list)) else mb
             if torch.is_tensor(first):
                 self.tokens_seen += first.numel() * self.rt.world_size
+        ran = self._all_reduce_grads(n) if self.all_reduce_grads else n
+        if ran:  # ranks that ran nothing still report the loss, so every rank reduces the same values
+            sums.setdefault("loss", 0.0)
         grad_norm = 0.0
-        if n:
+        if ran:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
             if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
                 grad_norm = grad_norm.full_tensor()
@@ -344,6 +365,25 @@ class Trainer:
         if self.violations:
             out["max_violation"] = [round(v, 4) for v in self.violations]
         return out
+
+    def _all_reduce_grads(self, n: int) -> int:
+        """Average every gradient over ranks in one all-reduce; return the micro-batches all ranks ran.
+
+        A parameter no rank reached keeps grad None, as in one process (AdamW then leaves it and
+        its moments alone, e.g. the MTP modules GRPO never runs); one that only some ranks
+        reached counts as zero on the others."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        comm = self.device if self.device.type == "cuda" else torch.device("cpu")
+        flat = torch.cat([*(torch.zeros(p.numel(), device=comm) if p.grad is None else p.grad.detach().float().flatten()
+                            for p in params),
+                          torch.tensor([float(p.grad is not None) for p in params] + [float(n)], device=comm)])
+        dist.all_reduce(flat)
+        sizes = [p.numel() for p in params]
+        grads = flat[:sum(sizes)] / self.rt.world_size
+        reached, ran = flat[sum(sizes):-1].tolist(), int(flat[-1])
+        for p, g, hit in zip(params, grads.split(sizes), reached):
+            p.grad = g.view_as(p).to(p.dtype).clone() if hit else None
+        return ran
 
     def _to_device(self, mb: Batch) -> Batch:
         if torch.is_tensor(mb):

@@ -81,3 +81,24 @@ def all_reduce_mean(values: list[float], rt: Runtime) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
     return (t / rt.world_size).tolist()
+
+
+def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
+    """The sum over ranks of each value (identity in one process): counts that normalise a
+    batch split across ranks (tokens, sequences) must be the whole batch's."""
+    if not rt.distributed or not values:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device if rt.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_rows(t: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Every rank's rows of `t` (the same shape on each), concatenated in rank order along dim 0:
+    the whole batch as one process would hold it, when rank r holds the r-th contiguous slice."""
+    if not rt.distributed:
+        return t
+    comm = rt.device if rt.device.type == "cuda" else torch.device("cpu")
+    parts = [torch.empty_like(t, device=comm) for _ in range(rt.world_size)]
+    dist.all_gather(parts, t.to(comm))
+    return torch.cat(parts).to(t.device)
