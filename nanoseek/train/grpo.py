@@ -21,6 +21,12 @@ component, accuracy, frac_reward_zero_std, completion length, clip fractions, KL
 tokens/s), with a loud warning on the two silent failures: every completion truncated (zero
 reward, zero gradient) and every group with equal rewards (zero advantage). A held-out eval
 with pinned sampling runs every `eval_steps`; the run ends with a reward/accuracy plot.
+
+Under torchrun (DDP: gloo on CPU, nccl on CUDA) each rank rolls out whole prompt groups — its
+slice of the very problems and per-completion seeds one process draws — so the advantages stay
+within a rank; the normalisers (the tokens or sequences of the whole batch, the groups dynamic
+sampling keeps) and the logged metrics are reduced over ranks, so the update and the figures
+are a single process's, to float rounding.
 """
 from __future__ import annotations
 
@@ -45,6 +51,11 @@ from ..tokenizer import Tokenizer
 from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
 from .loop import Trainer, TrainConfig, balance_loss, start_run
 from .rundir import read_metrics, resolve_ckpt
+from .runtime import Runtime, all_reduce_sum, gather_rows
+
+# grpo_loss's token-mean stats (and "kl" with a reference): under torchrun summed over ranks by
+# name, since a rank whose groups were all dropped computed none of them
+LOSS_STATS = ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "ratio_mean")
 
 
 @dataclass(kw_only=True)
@@ -113,7 +124,8 @@ class GRPOConfig(TrainConfig):
 
     @property
     def micro_batch_size(self) -> int:
-        """Sequences per forward/backward of the update."""
+        """Sequences per forward/backward of the update in one process (under torchrun the
+        same split of each rank's share: grpo_update)."""
         return math.ceil(self.prompts_per_step * self.num_generations / self.gradient_accumulation_steps)
 
 
@@ -159,7 +171,12 @@ class EngineSampler:
                              cache_tokens=max_num_seqs * max_len, enable_prefix_cache=True)
         self.model, self.tok = model, tok
 
-    def generate(self, prompts, max_tokens, temperature, top_p=1.0, seed=None) -> list[Rollout]:
+    def generate(self, prompts, max_tokens, temperature, top_p=1.0, seed=None, skip: int = 0) -> list[Rollout]:
+        """Sample a completion of each prompt, each with its own seed from `seed`'s stream.
+
+        `skip` seeds of that stream are passed over first: a rank holding the prompts from
+        position `skip` of the whole batch gives each the seed it has in one process, so one
+        and several processes sample the same completions."""
         from ..engine import SamplingParams
 
         was_training = self.model.training
@@ -168,6 +185,8 @@ class EngineSampler:
         # refresh it, or this step would sample from the previous step's policy
         self.engine.update_weights()
         base = random.Random(seed)
+        for _ in range(skip):
+            base.randrange(2**31)
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                  seed=base.randrange(2**31), stop_token_ids=[self.tok.eos_id])
                   for _ in prompts]
@@ -243,32 +262,45 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
     rollout batch: one step of the schedule.
 
     Returns the step's stats (TRL names where they exist); also exposes the tensors the tests
-    recompute by hand under 'debug'."""
+    recompute by hand under 'debug'.
+
+    Under torchrun `rollouts` and `rewards` are this rank's: whole prompt groups, rank r holding
+    the r-th contiguous slice of the step's batch. The advantages and dynamic sampling read the
+    whole batch's rewards (gathered: a batch std needs them all), and the normalisers — the kept
+    sequences N, the tokens that count — are the whole batch's (summed over ranks), so the
+    averaged gradient is the one a single process computes."""
+    rt = trainer.rt
     G = cfg.num_generations
     model = trainer.model
     device = trainer.device
-    adv = group_advantages(rewards, G, cfg.scale_rewards)
-    keep = filter_equal_reward_groups(rewards, G) if cfg.dynamic_sampling else torch.ones_like(rewards, dtype=torch.bool)
-    stats: dict = {"frac_reward_zero_std": frac_reward_zero_std(rewards, G),
+    everyone = gather_rows(rewards, rt)  # the whole batch's rewards (these very ones in one process)
+    adv = group_advantages(everyone, G, cfg.scale_rewards)
+    keep = filter_equal_reward_groups(everyone, G) if cfg.dynamic_sampling else torch.ones_like(everyone, dtype=torch.bool)
+    stats: dict = {"frac_reward_zero_std": frac_reward_zero_std(everyone, G),
                    "num_sequences_trained": int(keep.sum())}
-    adv = adv[keep]
+    N = int(keep.sum())
+    mine = slice(rt.rank * rewards.numel(), (rt.rank + 1) * rewards.numel())
+    adv, keep = adv[mine][keep[mine]], keep[mine]
     kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
     # the loss normalisers count every kept sequence: N, and the tokens that count (dapo)
-    N = len(kept)
-    n_tok_total = float(max(1, sum(0 if cfg.mask_truncated_completions and r.truncated else len(r.ids)
-                                   for r in kept)))
+    def counts(rs: list[Rollout]) -> int:
+        return sum(0 if cfg.mask_truncated_completions and r.truncated else len(r.ids) for r in rs)
+
     # A sequence with advantage 0 adds exactly 0 to the loss and to its gradient when beta = 0
     # (−min(ρ·0, clip(ρ)·0) = 0 for any ρ), so its forward and backward are skipped; it still
-    # counts in the normalisers above, so the update is the one over the whole batch.
+    # counts in the normalisers, so the update is the one over the whole batch.
     live = adv != 0 if cfg.beta == 0 else torch.ones_like(adv, dtype=torch.bool)
-    stats["num_sequences_skipped_zero_adv"] = int((~live).sum())
-    if not bool(live.any()):
+    sel = [r for r, k in zip(kept, live.tolist()) if k]
+    n_tok_kept, n_live, n_tok_live = all_reduce_sum([counts(kept), len(sel), counts(sel)], rt)
+    n_tok_total = float(max(1, n_tok_kept))
+    stats["num_sequences_skipped_zero_adv"] = int(N - n_live)
+    if not n_live:
         stats["skipped"] = True
         stats.update(trainer.train_step([], None))  # nothing to learn from: the step still counts
         return stats
-    sel = [r for r, k in zip(kept, live.tolist()) if k]
     adv = adv[live].to(device)
-    mb = max(1, cfg.micro_batch_size)
+    # sequences per forward: ⌈prompts · G / gradient_accumulation_steps⌉ of this rank's share
+    mb = max(1, math.ceil(cfg.prompts_per_step // rt.world_size * G / cfg.gradient_accumulation_steps))
     chunks = [slice(i, min(len(sel), i + mb)) for i in range(0, len(sel), mb)]
     batches = [RolloutBatch.of(sel[c], pad_id, device) for c in chunks]
     masks = []  # (n, C) per micro-batch: the completion tokens that count
@@ -278,7 +310,7 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
             m = m * (~torch.tensor([r.truncated for r in sel[c]], device=device)).float()[:, None]
         masks.append(m)
     toks = [float(m.sum()) for m in masks]  # tokens that count, per micro-batch
-    n_tok_live = sum(toks) or 1.0
+    n_tok_live = float(n_tok_live) or 1.0  # the whole batch's: Σ toks in one process
 
     T = cfg.temperature
     old = ref = None
@@ -293,8 +325,10 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
     agg: dict[str, float] = {}
     ent_sum = 0.0
     debug_logp = []
-    # each loss_type normalises over the whole batch: the micro-batch means are re-weighted
-    weights = [tok_c / n_tok_total if cfg.loss_type == "dapo" else (c.stop - c.start) / N
+    # each loss_type normalises over the whole batch: the micro-batch means are re-weighted (× the
+    # world size: the ranks' gradients are averaged, and the whole batch's loss is their sum)
+    W = rt.world_size
+    weights = [W * tok_c / n_tok_total if cfg.loss_type == "dapo" else W * (c.stop - c.start) / N
                for c, tok_c in zip(chunks, toks)]
     for it in range(cfg.num_iterations):
         def loss_fn(_, j: int):
@@ -316,30 +350,48 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
         step = trainer.train_step(list(range(len(batches))), loss_fn, weights=weights,
                                   advance=it == cfg.num_iterations - 1)
         agg["loss"] = agg.get("loss", 0.0) + step["loss"] / cfg.num_iterations
+    if rt.distributed:  # token means over the whole batch: each rank summed its share
+        names = [*LOSS_STATS, *(["kl"] if ref is not None else [])]
+        *sums, ent_sum = all_reduce_sum([agg.get(k, 0.0) for k in names] + [ent_sum], rt)
+        agg.update(zip(names, sums))
     stats.update(agg)
     stats.update(lr=step["lr"], grad_norm=step["grad_norm"], **({"max_violation": step["max_violation"]}
                                                               if "max_violation" in step else {}))
     stats["entropy"] = ent_sum / n_tok_live
-    C = max(m.shape[1] for m in masks)  # micro-batches are padded to their own longest completion
+    C = max((m.shape[1] for m in masks), default=0)  # micro-batches are padded to their own longest completion
     stats["debug"] = {"advantages": adv.cpu(), "keep": keep.cpu(),
-                      "mask": torch.cat([F.pad(m, (0, C - m.shape[1])) for m in masks]).cpu(),
-                      "logp": torch.cat([F.pad(x, (0, C - x.shape[1])) for x in debug_logp]).cpu()}
+                      "mask": torch.cat([F.pad(m, (0, C - m.shape[1])) for m in masks]).cpu() if masks else None,
+                      "logp": torch.cat([F.pad(x, (0, C - x.shape[1])) for x in debug_logp]).cpu() if masks else None}
     return stats
 
 
 # ---------------------------------------------------------------------- eval
 @torch.no_grad()
-def evaluate(sampler, problems, tok: Tokenizer, cfg: GRPOConfig, task) -> dict:
-    """Held-out accuracy and format with pinned sampling (eval_temperature, eval_seed)."""
+def evaluate(sampler, problems, tok: Tokenizer, cfg: GRPOConfig, task, rt: Runtime | None = None) -> dict:
+    """Held-out accuracy and format with pinned sampling (eval_temperature, eval_seed).
+
+    Under torchrun each rank samples a contiguous share of the problems (each with the seed it
+    has in one process) and the per-problem scores are gathered, so every rank returns the
+    figures one process would."""
     from ..tasks.rewards import format_reward
 
-    prompts = [build_prompt(p, tok, cfg.template) for p in problems]
-    outs = sampler.generate(prompts, cfg.max_completion_length, cfg.eval_temperature, 1.0, cfg.eval_seed)
+    rt = rt or Runtime()
+    n, share = len(problems), math.ceil(len(problems) / rt.world_size)
+    lo, hi = min(n, rt.rank * share), min(n, (rt.rank + 1) * share)
+    prompts = [build_prompt(p, tok, cfg.template) for p in problems[lo:hi]]
+    outs = sampler.generate(prompts, cfg.max_completion_length, cfg.eval_temperature, 1.0, cfg.eval_seed,
+                            skip=lo) if prompts else []
     texts = [tok.decode(o.ids) for o in outs]
-    acc = [float(task.check(task.parse(t), p)) for t, p in zip(texts, problems)]
-    fmt = format_reward(texts, problems, **reward_kwargs(cfg.template))
+    acc = [float(task.check(task.parse(t), p)) for t, p in zip(texts, problems[lo:hi])]
+    fmt = format_reward(texts, problems[lo:hi], **reward_kwargs(cfg.template))
+    trunc = [o.truncated for o in outs]
+    if rt.distributed:  # each rank's rows padded to one share (NaN), gathered, the padding dropped
+        rows = torch.full((share, 3), float("nan"), dtype=torch.float64)
+        rows[:len(outs)] = torch.tensor([acc, fmt, trunc], dtype=torch.float64).T.reshape(-1, 3)
+        every = gather_rows(rows, rt)
+        acc, fmt, trunc = every[~every[:, 0].isnan()].T.tolist()
     return {"eval_accuracy": sum(acc) / len(acc), "eval_format": sum(fmt) / len(fmt),
-            "eval_truncated": sum(o.truncated for o in outs) / len(outs)}
+            "eval_truncated": sum(trunc) / len(trunc)}
 
 
 # ---------------------------------------------------------------------- the command
@@ -375,8 +427,13 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
 
     ckpt = resolve_ckpt(cfg.ckpt)
     task = get_task(cfg.task, **cfg.task_args)  # a bad task or knob fails before the run starts
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("grpo runs in one process: its rollouts and update are not split across ranks")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.prompts_per_step % world:
+        raise ValueError(f"--prompts-per-step {cfg.prompts_per_step}: must divide by the {world} processes "
+                         "(each rolls out whole prompt groups)")
+    if world > 1 and cfg.fsdp:
+        raise ValueError("--fsdp: grpo's update forward is not the module's own, so it cannot be sharded; "
+                         "under torchrun it runs data parallel (drop --fsdp)")
     rt = start_run(cfg)
     tok = Tokenizer.load(ckpt)
     model = load_pretrained(ckpt, device=rt.device)
@@ -384,26 +441,31 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
     reward_fn = weighted({name: (load_reward(name), w) for name, w in zip(cfg.reward_funcs, weights)})
     rkw = reward_kwargs(cfg.template)
     ref_model = build_reference(model, cfg.beta)
-    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt)
+    # data parallel under torchrun: each rank rolls out and trains on its whole prompt groups
+    trainer = Trainer(cfg, model, tokenizer=tok, rt=rt, grad_sync="all_reduce")
     G = cfg.num_generations
-    n_batch = cfg.prompts_per_step * G
-    sampler = EngineSampler(model, tok, max(n_batch, cfg.eval_problems),
+    per_rank = cfg.prompts_per_step // rt.world_size
+    n_batch = per_rank * G
+    sampler = EngineSampler(model, tok, max(n_batch, math.ceil(cfg.eval_problems / rt.world_size)),
                             min(model.config.max_position_embeddings, cfg.max_completion_length + 384))
     train_pool = task.make(max(2000, cfg.prompts_per_step * 50), cfg.seed, split="train")
     heldout = task.make(cfg.eval_problems, cfg.eval_seed, split="test")
     stream = ProblemStream(cfg.seed, ref_model)
-    print(f"grpo: {cfg.task} {cfg.task_args} template={cfg.template}, {cfg.prompts_per_step} prompts × "
-          f"G={G} per step, beta={cfg.beta} "
-          f"({'reference model' if ref_model is not None else 'no reference model'}) on {rt.device}")
+    if rt.is_main:
+        print(f"grpo: {cfg.task} {cfg.task_args} template={cfg.template}, {cfg.prompts_per_step} prompts × "
+              f"G={G} per step{f' ({per_rank} on each of {rt.world_size} ranks)' if rt.distributed else ''}, "
+              f"beta={cfg.beta} ({'reference model' if ref_model is not None else 'no reference model'}) "
+              f"on {rt.device}")
 
     def step_fn(tr: Trainer) -> dict:
         step = tr.step + 1
-        problems = stream.rng.sample(train_pool, cfg.prompts_per_step)
+        # every rank draws the step's problems and rollout seed alike and takes its slice of them
+        problems = stream.rng.sample(train_pool, cfg.prompts_per_step)[rt.rank * per_rank:(rt.rank + 1) * per_rank]
         expanded = [p for p in problems for _ in range(G)]
         prompts = [build_prompt(p, tok, cfg.template) for p in expanded]
         t0 = time.time()
         rollouts = sampler.generate(prompts, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                    seed=stream.rng.randrange(2**31))
+                                    seed=stream.rng.randrange(2**31), skip=rt.rank * n_batch)
         t_gen = time.time() - t0
         rewards, comps, _ = score(rollouts, expanded, tok, reward_fn, rkw)
         t1 = time.time()
@@ -412,16 +474,24 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
         if ref_model is not None and cfg.ref_model_sync_steps and step % cfg.ref_model_sync_steps == 0:
             ref_model.load_state_dict(model.state_dict())
         t_upd = time.time() - t1
-        n_gen_tok = sum(len(r.ids) for r in rollouts)
+        lens, truncs = [len(r.ids) for r in rollouts], [r.truncated for r in rollouts]
+        if rt.distributed:  # the metrics are the whole batch's: every rank's completions, in rank order
+            cols = gather_rows(torch.tensor([lens, truncs, *comps.values()], dtype=torch.float64).T, rt).T.tolist()
+            lens, truncs = [int(x) for x in cols[0]], [bool(x) for x in cols[1]]
+            comps = dict(zip(comps, cols[2:]))
+            rewards = gather_rows(rewards, rt)
+        n_gen_tok = sum(lens)
         tr.tokens_seen += n_gen_tok
-        trunc = sum(r.truncated for r in rollouts) / len(rollouts)
+        trunc = sum(truncs) / len(truncs)
         rec = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                **{f"rewards/{k}": sum(v) / len(v) for k, v in comps.items()},
-               "accuracy": sum(comps["accuracy"]) / len(rollouts) if "accuracy" in comps else None,
-               "completions/mean_length": n_gen_tok / len(rollouts),
+               "accuracy": sum(comps["accuracy"]) / len(lens) if "accuracy" in comps else None,
+               "completions/mean_length": n_gen_tok / len(lens),
                "completions/clipped_ratio": trunc,
                "tokens_per_s": round(n_gen_tok / max(1e-9, t_gen + t_upd), 1),
                "rollout_s": round(t_gen, 2), "update_s": round(t_upd, 2), **st}
+        if not rt.is_main:  # every rank holds the same figures; one says them
+            return rec
         if trunc == 1.0:
             warnings.warn(f"grpo step {step}: EVERY completion hit max_completion_length="
                           f"{cfg.max_completion_length}: rewards are 0 and the gradient is 0 — "
@@ -439,12 +509,15 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
         return rec
 
     def eval_fn(tr: Trainer) -> dict:
-        ev = evaluate(sampler, heldout, tok, cfg, task)
-        print(f"grpo eval step {tr.step}: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}",
-              flush=True)
+        ev = evaluate(sampler, heldout, tok, cfg, task, rt)
+        if rt.is_main:
+            print(f"grpo eval step {tr.step}: accuracy {ev['eval_accuracy']:.3f} format {ev['eval_format']:.3f}",
+                  flush=True)
         return ev
 
     out = trainer.fit(stream, step_fn=step_fn, evaluate=eval_fn, on_step=on_step, eval_at_start=True)
+    if not rt.is_main:  # the main rank writes the run's files
+        return out
     title = f"GRPO {cfg.task} {cfg.task_args} ({cfg.template})"
     plot(read_metrics(cfg.out), Path(cfg.out) / "grpo.png", title=title)
     write_report(cfg.out, title=title)
