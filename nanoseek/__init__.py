@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 
 def load_model(path_or_preset: str | Path, device: str = "cpu", dtype=None, seed: int | None = None) -> DeepSeekV3:
-    """A checkpoint directory (nanoseek's or transformers') or a preset name → the model.
+    """A checkpoint directory (nanoseek's or transformers'), any training stage's run directory
+    (its model/), or a preset name → the model.
 
     A preset gives a freshly initialised model (seeded with `seed` when given).
     """

@@ -146,6 +146,46 @@ def save_pretrained(model: DeepSeekV3, path: str | Path, extra: dict[str, object
 
 
 # ---------------------------------------------------------------------- loading
+RUN_MODEL = "model"  # where every training stage writes its result inside its run directory
+
+
+def resolve_ckpt(path: str | Path) -> Path:
+    """The checkpoint directory `path` names: `path` itself, or `path/model/` when `path` is a
+    run directory (what every training stage writes), so `--ckpt RUN` works for any stage's RUN.
+
+    A directory that is neither is refused here, in one line that names it: a file, an empty
+    directory, and a run that has not finished (no model/ yet; its periodic checkpoints are
+    named) would otherwise fail later with an error about some file inside it. A directory that
+    looks like a checkpoint is returned as it is, for the loader to check its files."""
+    p = Path(path)
+    if p.is_file():
+        raise CheckpointError(f"{p}: is a file; expected a checkpoint directory (config.json, model.safetensors) "
+                              f"or a run directory (with {RUN_MODEL}/)")
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such checkpoint directory")
+    if (p / WEIGHTS).is_file() or (p / INDEX).is_file():
+        return p
+    if (p / RUN_MODEL / "config.json").is_file():
+        return p / RUN_MODEL
+    if (p / "metrics.jsonl").is_file() or (p / "checkpoints").is_dir():
+        steps = sorted((p / "checkpoints").glob("step_*"))
+        hint = f"pass one of its checkpoints (newest: {steps[-1]}) or " if steps else ""
+        raise FileNotFoundError(f"{p}: a run directory with no {RUN_MODEL}/ (the run has not finished); "
+                                f"{hint}continue it with --resume")
+    if not any(p.iterdir()):
+        raise FileNotFoundError(f"{p}: empty directory; expected a checkpoint (config.json, model.safetensors) "
+                                f"or a run directory (with {RUN_MODEL}/)")
+    return p
+
+
+def ckpt_flag(path: str | Path, flag: str = "--ckpt") -> Path:
+    """resolve_ckpt for a command's flag: the same refusals, the flag named first."""
+    try:
+        return resolve_ckpt(path)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise type(e)(f"{flag} {e}") from None
+
+
 def _read_weights(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
     """All tensors of a checkpoint directory, each with the file it came from."""
     files = []
@@ -318,18 +358,15 @@ def _plan(cfg: ModelConfig, headers, shapes: dict[str, torch.Size], where: Path)
 
 def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
                     dtype: torch.dtype | None = None) -> DeepSeekV3:
-    """A checkpoint directory (ours or transformers') → DeepSeekV3 in eval mode.
+    """A checkpoint directory (ours or transformers'), or a run directory holding one in model/,
+    → DeepSeekV3 in eval mode.
 
     Everything that can be checked without the model is checked before it is built: the config's
     fields, the model's size against free memory, every tensor's key, dtype and shape and the
     layer count (from the safetensors headers). Values are then copied one tensor at a time
     (never all of the file and the model in memory at once), each checked to be finite.
     """
-    path = Path(path)
-    if path.is_file():
-        raise CheckpointError(f"{path}: is a file; a checkpoint is a directory (config.json, model.safetensors)")
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    path = resolve_ckpt(path)
     cfg = ModelConfig.load(path / "config.json")
     files = _weight_files(path)
     headers = _headers(files)

@@ -102,11 +102,11 @@ class Engine:
     def __init__(self, model_or_path, tokenizer=None, *, device=None, dtype=None, max_num_seqs: int = 64,
                  max_batch_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
                  cache_tokens: int | None = None, enable_prefix_cache: bool = True):
-        from ..checkpoint import cast, load_pretrained
+        from ..checkpoint import cast, load_pretrained, resolve_ckpt
         from ..tokenizer import Tokenizer
 
         if isinstance(model_or_path, (str, Path)):
-            path = Path(model_or_path)
+            path = resolve_ckpt(model_or_path)  # a run directory → its model/ (weights and tokenizer)
             dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             model = load_pretrained(path, device=dev, dtype=dtype or default_dtype(dev))
             if tokenizer is None and (path / "tokenizer.json").is_file():

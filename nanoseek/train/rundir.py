@@ -20,9 +20,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import RUN_MODEL, resolve_ckpt  # noqa: F401  (resolve_ckpt: kept importable from here)
+
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
-MODEL = "model"
+MODEL = RUN_MODEL
 CHECKPOINTS = "checkpoints"
 
 
@@ -39,12 +41,20 @@ def read_run_config(out_dir: str | Path) -> dict:
     path = Path(out_dir) / CONFIG
     if not path.is_file():
         raise FileNotFoundError(f"--resume: {path} does not exist; nothing to resume (drop --resume to start a run)")
-    return json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--resume: {path} is not valid JSON ({e}); it is not a run's config") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"--resume: {path} holds a JSON {type(saved).__name__}, not a run's config")
+    return saved
 
 
 def check_fresh(out_dir: str | Path) -> None:
     """Refuse a fresh run into a directory that already holds files (touching nothing)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: is a file; a run's output is a directory")
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} already holds a run: pass --resume to continue it, "
                               "--overwrite to replace it, or choose another --out")
@@ -89,15 +99,3 @@ def trim_metrics(run_dir: str | Path, step: int) -> None:
     if path.exists():
         keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         path.write_text("".join(json.dumps(r) + "\n" for r in keep))
-
-
-def resolve_ckpt(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory holding one in `model/` (what every stage writes)."""
-    p = Path(path)
-    if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
-        return p
-    if (p / MODEL / "config.json").is_file():
-        return p / MODEL
-    if (p / "config.json").is_file():
-        return p
-    raise FileNotFoundError(f"{p}: neither a checkpoint (config.json) nor a run directory with model/config.json")
