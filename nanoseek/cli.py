@@ -54,6 +54,21 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _parse_json(s: str) -> Any:
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {s!r}") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors as one line (the usage block it prints first is what `--help` is for),
+    so every bad command line, caught by argparse or by a config check, reads the same."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field. Defaults stay out of the parsed namespace (argparse.SUPPRESS): what is
     there was given on the command line, which `--resume` needs to know (given flags override the
@@ -76,7 +91,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         if tp is bool:
             kw.update(type=_parse_bool, nargs="?", const=True, metavar="BOOL")
         elif tp in (dict, Any) or typing.get_origin(tp) is dict:
-            kw.update(type=json.loads, metavar="JSON")
+            kw.update(type=_parse_json, metavar="JSON")
         else:
             kw.update(type=tp if tp in (int, float, str) else str)
             if is_list:
@@ -95,27 +110,46 @@ def _load(spec: tuple[str, str]):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek system, small.")
+    parser = _Parser(prog="nanoseek", description="The DeepSeek system, small.")
+    _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, spec in COMMANDS.items():
         cls, fn = _load(spec)
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0])
         add_dataclass_args(p, cls)
+        _add_debug(p)
         p.set_defaults(_spec=spec)
     for group, cmds in GROUPS.items():
-        g = sub.add_parser(group, help=f"{group} commands").add_subparsers(dest="sub", required=True)
+        g = sub.add_parser(group, help=f"{group} commands").add_subparsers(
+            dest="sub", required=True, metavar="{" + ",".join(cmds) + "}")
         for name, spec in cmds.items():
             cls, fn = _load(spec)
             p = g.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0])
             add_dataclass_args(p, cls)
+            _add_debug(p)
             p.set_defaults(_spec=spec)
     return parser
 
 
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: a subcommand's default must not overwrite a --debug given before the command
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error instead of its one-line message")
+
+
+# what a user can cause (a bad flag value, a missing or unreadable file, an occupied --out): one
+# line, exit 2. Anything else is a bug in nanoseek and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A user error (USER_ERRORS) is one line on stderr and exit status 2;
+    `--debug` (before or after the command) re-raises it, traceback and all."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     cls, fn = _load(args._spec)
+    command = args.command + (f" {args.sub}" if getattr(args, "sub", None) else "")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     values = {name: getattr(args, name) for name in fields if hasattr(args, name)}
     try:
@@ -124,17 +158,27 @@ def main(argv: list[str] | None = None) -> int:
         missing = [n for n, f in fields.items() if n not in values
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
-            parser.error(f"{args.command}: the following arguments are required: "
-                         + ", ".join("--" + n.replace("_", "-") for n in missing))
+            raise ValueError("the following arguments are required: "
+                             + ", ".join("--" + n.replace("_", "-") for n in missing))
         cfg = cls(**values)
         fn(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"nanoseek {command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if debug:
+            raise
         print("\ninterrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of `e` on one line (an OSError's own str names the file: errno, text, path)."""
+    text = str(e) or type(e).__name__
+    return " ".join(text.split("\n")).strip()
 
 
 def resume_values(cls: type, given: dict[str, Any]) -> dict[str, Any]:
