@@ -67,13 +67,22 @@ def human(n: float) -> str:
 @dataclass
 class InfoConfig:
     preset: str | None = field(default=None, metadata={"help": f"a named preset: {', '.join(PRESETS)}"})
-    ckpt: str | None = field(default=None, metadata={"help": "a checkpoint directory (reads its config.json)"})
+    ckpt: str | None = field(default=None, metadata={"help": "a checkpoint directory (reads its config.json), or any stage's run directory"})
     seq_len: int = field(default=4096, metadata={"help": "sequence length for the attention FLOPs"})
     dtype: str = field(default="bfloat16", metadata={"help": "cache dtype", "choices": list(DTYPE_BYTES)})
 
     def __post_init__(self):
+        """Bad values are one line naming the flag, before any file is read."""
         if (self.preset is None) == (self.ckpt is None):
             raise ValueError("give exactly one of --preset NAME or --ckpt DIR")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+        if self.ckpt is not None:
+            from .checkpoint import ckpt_flag
+
+            ckpt_flag(self.ckpt)
+        if self.seq_len < 1:
+            raise ValueError(f"--seq-len {self.seq_len}: must be ≥ 1")
 
 
 def info(cfg: InfoConfig) -> Counts:
@@ -82,9 +91,9 @@ def info(cfg: InfoConfig) -> Counts:
         mc = preset(cfg.preset)
         what = f"preset {cfg.preset}"
     else:
-        from pathlib import Path
+        from .checkpoint import resolve_ckpt
 
-        mc = ModelConfig.load(Path(cfg.ckpt) / "config.json")
+        mc = ModelConfig.load(resolve_ckpt(cfg.ckpt) / "config.json")  # a run directory: its model/
         what = cfg.ckpt
     c = count(mc, cfg.seq_len, cfg.dtype)
     rows = [

@@ -267,6 +267,19 @@ class TokenizerTrainConfig:
     max_docs: int | None = None  # train on the first N documents only
     text_field: str = "text"  # jsonl/parquet column holding the text
 
+    def __post_init__(self) -> None:
+        """Bad values are one line naming the flag, before any document is read."""
+        floor = len(SPECIAL_TOKENS) + N_BYTES
+        if self.vocab_size < floor:
+            raise ValueError(f"--vocab-size {self.vocab_size}: must be ≥ {floor} (byte-level BPE: "
+                             f"{len(SPECIAL_TOKENS)} special tokens + {N_BYTES} bytes)")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise ValueError(f"--max-docs {self.max_docs}: must be ≥ 1")
+        if not self.text_field:
+            raise ValueError("--text-field: must be a non-empty column name")
+        if Path(self.out).is_file():
+            raise FileExistsError(f"--out {self.out}: is a file; the tokenizer is written into a directory")
+
 
 def train_tokenizer(cfg: TokenizerTrainConfig) -> Tokenizer:
     """Stream documents from ``cfg.data``, train, save to ``cfg.out``."""

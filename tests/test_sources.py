@@ -86,8 +86,10 @@ def test_bad_specs_name_themselves(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match=r"x\.csv: unsupported file type"):
         list(iter_documents(str(tmp_path / "x.csv")))
-    with pytest.raises(ValueError, match=r"unknown parameter.*'k'"):
+    with pytest.raises(ValueError, match=r"unknown built-in corpus 'arithmetic'; choose one of builtin:arith"):
         iter_documents("builtin:arithmetic?k=3")
+    with pytest.raises(ValueError, match=r"unknown parameter.*'k'"):
+        iter_documents("builtin:arith?k=3")
 
 
 def test_builtin_corpus_is_seeded_and_takes_its_knobs():

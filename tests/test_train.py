@@ -182,7 +182,7 @@ def test_cli_refuses_a_fresh_run_into_a_run_and_resumes_from_config_alone(tmp_pa
     assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]
     assert all(abs(got[s] - ref[s]) <= 1e-6 for s in ref)
     # --overwrite replaces the run
-    assert main(["pretrain", "--out", str(split), "--overwrite", "--max-steps", "1", "--preset", "tiny",
+    assert main(["pretrain", "--out", str(split), "--overwrite", "--max-steps", "1", "--warmup-steps", "0", "--preset", "tiny",
                  "--data", DATA, "--seq-len", "32", "--batch-size", "4", "--arith-eval", "0", "--progress", "false",
                  "--val-tokens", "64"]) == 0
     assert sorted(losses(split)) == [1] and not (split / "checkpoints").exists()

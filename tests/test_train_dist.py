@@ -70,7 +70,7 @@ def test_sft_two_processes_match_one(tmp_path, ckpt):
     """SFT runs on the same core: 2 ranks × 4 packed rows == one process, 2 micro-batches of 4."""
     from nanoseek.train.sft import SFTConfig, sft
 
-    args = dict(data="builtin:sft-arith?n=40", max_steps=STEPS, batch_size=BATCH, seq_len=128, logging_steps=1)
+    args = dict(data="builtin:sft-arith?n=40", max_steps=STEPS, warmup_steps=1, batch_size=BATCH, seq_len=128, logging_steps=1)
     sft(SFTConfig(ckpt=str(ckpt), out=str(tmp_path / "one"), gradient_accumulation_steps=2, progress=False, **args))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in args.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--nnodes", "1",

@@ -24,12 +24,12 @@ import shutil
 import sys
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, fields
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 
 from tqdm import tqdm
 
-from nanoseek.data.clean import QualityConfig, build_rules, dedup_key, first_failed_rule, normalize
+from nanoseek.data.clean import NORMAL_FORMS, QualityConfig, build_rules, dedup_key, first_failed_rule, normalize
 from nanoseek.data.dedup import ExactDedup, NearDedup
 from nanoseek.data.shards import ShardWriter
 from nanoseek.data.sources import iter_documents
@@ -63,6 +63,33 @@ class PrepareConfig:
     write_clean: bool = True  # also write the kept documents to clean.jsonl
     overwrite: bool = False  # replace an existing, non-empty out directory
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        """Bad values are one line naming the flag and its range, before anything is read."""
+        def need(ok: bool, name: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: {msg}")
+
+        forms = ", ".join(NORMAL_FORMS)
+        if self.normalize not in NORMAL_FORMS:
+            raise ValueError(f"--normalize {self.normalize!r}: expected one of {forms}")
+        need(self.max_docs is None or self.max_docs >= 1, "max_docs", "must be ≥ 1")
+        for name in ("min_chars", "max_chars"):
+            need(getattr(self, name) is None or getattr(self, name) >= 0, name, "must be ≥ 0")
+        for name in ("min_alpha_ratio", "max_symbol_ratio", "max_dup_line_fraction", "max_dup_ngram_fraction"):
+            need(getattr(self, name) is None or 0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        need(0 <= self.near_dup_threshold <= 1, "near_dup_threshold", "must be in [0, 1]")
+        for name in ("num_perm", "shingle_words", "chunk_docs", "shard_tokens"):
+            need(getattr(self, name) >= 1, name, "must be ≥ 1")
+        need(self.workers >= 0, "workers", "must be ≥ 0 (0 = tokenize in this process)")
+        if not self.text_field:
+            raise ValueError("--text-field: must be a non-empty column name")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise FileExistsError(f"--out {self.out}: is a file; the shards are written into a directory")
+        tok = Path(self.tokenizer)
+        if not (tok / "tokenizer.json").is_file() and not (tok.is_file() and tok.suffix == ".json"):
+            what = "no such directory" if not tok.exists() else f"no tokenizer.json in {tok}"
+            raise FileNotFoundError(f"--tokenizer {self.tokenizer}: {what} (train one with `nanoseek tokenizer train`)")
 
     def quality(self) -> QualityConfig:
         """The quality thresholds as the filters take them (flat here for the CLI)."""
@@ -171,6 +198,10 @@ def prepare(cfg: PrepareConfig) -> dict:
     docs = iter_documents(cfg.data, text_field=cfg.text_field)
     if cfg.max_docs is not None:
         docs = islice(docs, cfg.max_docs)
+    # read the first document now: a file that cannot be read at all (not UTF-8, not JSON) is
+    # then one error line, before the progress bar and the output directory exist
+    first = next(docs, None)
+    docs = chain([] if first is None else [first], docs)
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import glob
 import gzip
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterator
@@ -122,36 +123,46 @@ def resolve_files(spec: str) -> list[Path]:
     if p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and _kind(f))
         if not files:
-            raise ValueError(f"data folder {spec!r} holds no supported files ({', '.join(SUFFIXES)})")
+            raise ValueError(f"--data {spec!r}: the folder holds no supported files ({', '.join(SUFFIXES)})")
         return files
     if glob.has_magic(spec):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
         files = [m for m in matches if m.is_file() and _kind(m)]
         if not files:
-            raise ValueError(f"data glob {spec!r} matches no supported files ({', '.join(SUFFIXES)})")
+            raise ValueError(f"--data {spec!r}: the glob matches no supported files ({', '.join(SUFFIXES)})")
         return files
-    raise ValueError(f"data spec {spec!r}: no such file or folder (expected a path, a glob or builtin:NAME)")
+    raise ValueError(f"--data {spec!r}: no such file or folder (expected a path, a glob or builtin:NAME)")
 
 
 def parse_builtin(spec: str, default_n: int = BUILTIN_DEFAULT_N) -> tuple[str, int, int, dict[str, float]]:
     """'builtin:arith?n=5000&seed=3&chat=0.3' → ('arith', 5000, 3, {'chat': 0.3}): the corpus,
     how many documents, the seed, and the corpus's own knobs (see `tasks.corpus_knobs`)."""
     name, _, query = spec[len("builtin:"):].partition("?")
-    if not name:
-        raise ValueError(f"data spec {spec!r}: builtin needs a name, e.g. builtin:arith?n=1000")
-    params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    from nanoseek.tasks import corpus_knobs
+    from nanoseek.tasks import CORPORA, corpus_knobs
 
+    if not name:
+        raise ValueError(f"--data {spec!r}: builtin needs a name, e.g. builtin:arith?n=1000")
+    if name not in CORPORA:
+        raise ValueError(f"--data {spec!r}: unknown built-in corpus {name!r}; choose one of "
+                         f"{', '.join('builtin:' + c for c in CORPORA)}")
+    try:
+        params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True, strict_parsing=bool(query)).items()}
+    except ValueError:
+        raise ValueError(f"--data {spec!r}: cannot read the parameters after '?' (expected k=v&k=v)") from None
     known = ["n", "seed", *corpus_knobs(name)]
     unknown = set(params) - set(known)
     if unknown:
-        raise ValueError(f"data spec {spec!r}: unknown parameter(s) {sorted(unknown)} (known: {', '.join(known)})")
+        raise ValueError(f"--data {spec!r}: unknown parameter(s) {sorted(unknown)} (known: {', '.join(known)})")
     try:
         n = int(params.pop("n", default_n))
         seed = int(params.pop("seed", 0))
         knobs = {k: float(v) for k, v in params.items()}
-    except ValueError as e:
-        raise ValueError(f"data spec {spec!r}: n and seed must be integers, other parameters numbers") from e
+    except ValueError:
+        raise ValueError(f"--data {spec!r}: n and seed must be integers, other parameters numbers") from None
+    if n < 1:
+        raise ValueError(f"--data {spec!r}: n={n} must be ≥ 1 (the number of documents)")
+    if not all(math.isfinite(v) for v in knobs.values()):
+        raise ValueError(f"--data {spec!r}: parameters must be finite numbers")
     return name, n, seed, knobs
 
 

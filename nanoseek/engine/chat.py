@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from ..tokenizer import END_THINK, THINK
 
@@ -20,7 +19,8 @@ DTYPES = (None, "float32", "fp32", "bfloat16", "bf16")
 
 @dataclass
 class _Sampling:
-    ckpt: str = field(metadata={"help": "checkpoint directory (config.json, model.safetensors, tokenizer.json)"})
+    ckpt: str = field(metadata={"help": "checkpoint directory (config.json, model.safetensors, tokenizer.json), "
+                                        "or any stage's run directory (its model/)"})
     max_tokens: int = field(default=256, metadata={"help": "most tokens to generate"})
     temperature: float = field(default=0.7, metadata={"help": "0 = greedy"})
     top_p: float = field(default=0.95, metadata={"help": "nucleus sampling mass"})
@@ -35,6 +35,7 @@ class _Sampling:
 
     def __post_init__(self) -> None:
         """Bad values fail here, as one line naming the flag, before the checkpoint is read."""
+        from ..checkpoint import ckpt_flag
         from .engine import check_device
 
         def finite(name, lo=None, hi=None, lo_open=False):
@@ -57,9 +58,7 @@ class _Sampling:
             raise ValueError(f"--seed {self.seed}: must be in [-2^63, 2^63)")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
-        if Path(self.ckpt).is_file():
-            raise ValueError(f"--ckpt {self.ckpt}: is a file; expected a checkpoint directory "
-                             "(config.json, model.safetensors, tokenizer.json)")
+        ckpt_flag(self.ckpt)  # a file, a missing or empty directory, a run without model/
         check_device(self.device)
         # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode
         for name in ("prompt", "system", "stop"):
@@ -81,14 +80,14 @@ class _Sampling:
 
         from .engine import Engine
 
-        ckpt = Path(self.ckpt)
-        if not ckpt.is_dir():
-            raise FileNotFoundError(f"--ckpt {self.ckpt}: no such checkpoint directory")
+        from ..checkpoint import ckpt_flag
+
+        ckpt = ckpt_flag(self.ckpt)  # a run directory → its model/
         if not (ckpt / "tokenizer.json").is_file():  # before the weights are read, not after
             raise FileNotFoundError(f"--ckpt {self.ckpt}: no tokenizer.json in {ckpt} beside the weights")
         dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                   "bf16": torch.bfloat16}
-        return Engine(self.ckpt, device=self.device, dtype=dtypes.get(self.dtype), max_num_seqs=4)
+        return Engine(ckpt, device=self.device, dtype=dtypes.get(self.dtype), max_num_seqs=4)
 
 
 @dataclass
@@ -120,8 +119,9 @@ def _valid_unicode(text: str) -> bool:
 class ThinkPrinter:
     """Writes streamed text, dimming what lies between <think> and </think>."""
 
-    def __init__(self, out=sys.stdout, in_think: bool = False):
-        self.out, self.in_think = out, in_think
+    def __init__(self, out=None, in_think: bool = False):
+        # sys.stdout looked up now, not when the class was defined: it may have been replaced since
+        self.out, self.in_think = out if out is not None else sys.stdout, in_think
         self.color = getattr(out, "isatty", lambda: False)()
         self.answer = ""
         if in_think:

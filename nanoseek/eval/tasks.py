@@ -9,6 +9,7 @@ temperature 0 is greedy (then k is forced to 1: all samples would be identical).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from .metrics import maj_at_k, pass_at_1, pass_at_k
 
 @dataclass
 class EvalConfig:
-    ckpt: str = field(metadata={"help": "checkpoint directory (or a run directory with model/)"})
+    ckpt: str = field(metadata={"help": "checkpoint directory, or any stage's run directory (its model/)"})
     task: str = field(metadata={"help": "arithmetic | countdown | gsm8k"})
     task_args: dict = field(default_factory=dict, metadata={"help": 'task knobs as JSON, e.g. {"digits": 3}'})
     template: str = field(default="chat", metadata={"choices": ["chat", "r1-zero"]})
@@ -28,6 +29,29 @@ class EvalConfig:
     seed: int = field(default=1234, metadata={"help": "pins the problems and every sample's seed"})
     max_tokens: int = 128
     out: str | None = field(default=None, metadata={"help": "write the result JSON here"})
+    device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
+
+    def __post_init__(self) -> None:
+        """Bad values are one line naming the flag and its range, before the checkpoint is read
+        (a model given to evaluate_task directly needs no --ckpt, so that one is checked there)."""
+        from ..engine.engine import check_device
+        from ..tasks import task_from_flags
+
+        for name in ("n", "k", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
+        if not 0 <= self.temperature < math.inf:
+            raise ValueError(f"--temperature {self.temperature}: must be a finite number in [0, ∞) (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p {self.top_p}: must be in (0, 1]")
+        if not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"--seed {self.seed}: must be in [-2^63, 2^63)")
+        if self.template not in ("chat", "r1-zero"):
+            raise ValueError(f"--template {self.template!r}: expected chat or r1-zero")
+        task_from_flags(self.task, self.task_args)
+        if self.out is not None and Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out}: is a directory; expected the path of the result JSON file")
+        check_device(self.device)
 
 
 def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
@@ -36,16 +60,16 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     from ..tasks import get_task
     from ..tasks.rewards import format_reward
     from ..tokenizer import Tokenizer
+    from ..checkpoint import ckpt_flag
     from ..train.grpo import build_prompt, reward_kwargs
-    from ..train.rundir import resolve_ckpt
 
+    task = get_task(cfg.task, **cfg.task_args)
     if model is None:
-        path = resolve_ckpt(cfg.ckpt)
+        path = ckpt_flag(cfg.ckpt)
         tok = Tokenizer.load(path)
-        engine = Engine(path, tok)
+        engine = Engine(path, tok, device=cfg.device)
     else:
         engine = Engine(model, tok)
-    task = get_task(cfg.task, **cfg.task_args)
     problems = task.make(cfg.n, cfg.seed, split="test")
     k = 1 if cfg.temperature <= 0 else cfg.k
     prompts, params = [], []

@@ -58,7 +58,8 @@ DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 class ServeConfig:
     """`nanoseek serve`: the HTTP API and web chat page for one checkpoint."""
 
-    ckpt: str = field(metadata={"help": "checkpoint directory (config.json, model.safetensors, tokenizer.json)"})
+    ckpt: str = field(metadata={"help": "checkpoint directory (config.json, model.safetensors, tokenizer.json), "
+                                        "or any stage's run directory (its model/)"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to bind (0.0.0.0 exposes it to the network)"})
     port: int = field(default=8000, metadata={"help": "TCP port"})
     api_key: list[str] = field(default_factory=list, metadata={
@@ -92,6 +93,7 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         """Bad values fail here, as one line naming the flag, not as a traceback from uvicorn or the engine."""
+        from nanoseek.checkpoint import ckpt_flag
         from nanoseek.engine.engine import check_device
 
         if not 0 <= self.port <= 65535:
@@ -114,9 +116,7 @@ class ServeConfig:
             raise ValueError(f"--log-level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: expected one of {', '.join(DTYPES)}")
-        if Path(self.ckpt).is_file():
-            raise ValueError(f"--ckpt {self.ckpt}: is a file; expected a checkpoint directory "
-                             "(config.json, model.safetensors, tokenizer.json)")
+        ckpt_flag(self.ckpt)  # a file, a missing or empty directory, a run without model/
         check_device(self.device)
         for k in self.api_key:
             _check_key(k, "--api-key")
@@ -889,13 +889,13 @@ def build_engine(cfg: ServeConfig):
     served: without tokenizer.json every chat request would fail."""
     from nanoseek.engine import Engine
 
-    ckpt = Path(cfg.ckpt)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"--ckpt {cfg.ckpt}: no such checkpoint directory")
+    from nanoseek.checkpoint import ckpt_flag
+
+    ckpt = ckpt_flag(cfg.ckpt)  # a run directory → its model/
     if not (ckpt / "tokenizer.json").is_file():
         raise FileNotFoundError(f"--ckpt {cfg.ckpt}: no tokenizer.json in {ckpt}; the server needs the "
                                 "checkpoint's tokenizer (save it beside the weights)")
-    return Engine(cfg.ckpt, device=cfg.device, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.max_num_seqs,
+    return Engine(ckpt, device=cfg.device, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.max_num_seqs,
                   max_batch_tokens=cfg.max_batch_tokens, block_size=cfg.block_size,
                   cache_tokens=cfg.cache_tokens, enable_prefix_cache=cfg.enable_prefix_cache)
 

@@ -6,7 +6,10 @@ Where the answer lives in a completion is fixed once, in `base` (read its docstr
 """
 from __future__ import annotations
 
-from typing import Iterator
+import dataclasses
+import json
+import typing
+from typing import Any, Iterator
 
 from .arithmetic import ArithmeticTask, corpus_documents, parse_pretrain_answer, pretrain_prompt
 from .base import Problem, Task, extract_answer
@@ -18,10 +21,56 @@ CORPORA = {"arith": corpus_documents}
 
 
 def get_task(name: str, **knobs) -> Task:
-    """A task by name; parse/check work on a default instance, make() uses the knobs."""
+    """A task by name; parse/check work on a default instance, make() uses the knobs.
+
+    The knobs are checked against the task's fields (name and type) first: a knob typed as text
+    on a command line must be one line naming it, not a TypeError from deep inside make()."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
-    return TASKS[name](**knobs)
+    cls = TASKS[name]
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "name"]
+    unknown = sorted(set(knobs) - set(known))
+    if unknown:
+        raise ValueError(f"task {name!r} has no knob(s) {unknown} (knobs: {', '.join(known)})")
+    for k, v in knobs.items():
+        want = _type_name(hints[k], v)
+        if want:
+            raise ValueError(f"task {name!r}: knob {k!r} must be {want}, got {v!r}")
+    return cls(**knobs)
+
+
+def _type_name(tp: Any, v: Any) -> str | None:
+    """None when `v` fits the annotation `tp`, else what it should be, in words."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if type(None) in typing.get_args(tp):
+        return None if v is None else _type_name(args[0], v)
+    origin = typing.get_origin(tp) or tp
+    if origin is bool:
+        return None if isinstance(v, bool) else "true or false"
+    if origin is int:
+        return None if isinstance(v, int) and not isinstance(v, bool) else "an integer"
+    if origin is float:
+        return None if isinstance(v, (int, float)) and not isinstance(v, bool) else "a number"
+    if origin is str:
+        return None if isinstance(v, str) else "a string"
+    if origin is dict:
+        ok = isinstance(v, dict) and all(isinstance(x, str) for kv in v.items() for x in kv)
+        return None if ok else "an object of strings"
+    return None
+
+
+def task_from_flags(task: str, task_args: Any) -> Task:
+    """`--task NAME --task-args JSON` → the task, or one line naming the flag that is wrong."""
+    if task not in TASKS:
+        raise ValueError(f"--task {task!r}: unknown task; choose one of {', '.join(TASKS)}")
+    if not isinstance(task_args, dict):
+        raise ValueError(f"--task-args {json.dumps(task_args)}: must be a JSON object of task knobs, "
+                         'e.g. {"digits": 3}')
+    try:
+        return get_task(task, **task_args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--task-args {json.dumps(task_args)}: {e}") from None
 
 
 def task_for(problem: Problem) -> Task:
@@ -87,6 +136,6 @@ def r1_zero_prompt(problem: Problem, open_think: bool = False) -> str:
 
 __all__ = [
     "Problem", "Task", "ArithmeticTask", "CountdownTask", "GSM8KTask", "load_gsm8k",
-    "TASKS", "get_task", "task_for", "builtin_corpus", "corpus_knobs", "cold_start_sft", "r1_zero_prompt",
+    "TASKS", "get_task", "task_from_flags", "task_for", "builtin_corpus", "corpus_knobs", "cold_start_sft", "r1_zero_prompt",
     "pretrain_prompt", "parse_pretrain_answer", "extract_answer",
 ]

@@ -121,12 +121,36 @@ class GRPOConfig(TrainConfig):
                              f"{len(self.reward_funcs)} --reward-funcs")
         if self.num_iterations < 1:
             raise ValueError("--num-iterations must be >= 1")
+        check_grpo_flags(self)
 
     @property
     def micro_batch_size(self) -> int:
         """Sequences per forward/backward of the update in one process (under torchrun the
         same split of each rank's share: grpo_update)."""
         return math.ceil(self.prompts_per_step * self.num_generations / self.gradient_accumulation_steps)
+
+
+def check_grpo_flags(cfg: GRPOConfig) -> None:
+    """The rest of GRPOConfig's checks, each one line naming the flag and its range: the policy
+    checkpoint (a run directory is fine), the task and its knobs, the sampling and loss knobs."""
+    from ..checkpoint import ckpt_flag
+    from ..tasks import task_from_flags
+
+    def need(ok: bool, name: str, msg: str) -> None:
+        if not ok:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: {msg}")
+
+    need(0 < cfg.temperature < math.inf, "temperature", "must be a finite number > 0 (log-probs divide by it)")
+    need(0 <= cfg.eval_temperature < math.inf, "eval_temperature", "must be a finite number ≥ 0 (0 = greedy)")
+    need(0 < cfg.top_p <= 1, "top_p", "must be in (0, 1]")
+    need(0 <= cfg.beta < math.inf, "beta", "must be a finite number ≥ 0")
+    need(0 <= cfg.epsilon < 1, "epsilon", "must be in [0, 1)")
+    need(cfg.epsilon_high is None or cfg.epsilon <= cfg.epsilon_high < math.inf, "epsilon_high",
+         f"must be a finite number ≥ --epsilon {cfg.epsilon}")
+    need(cfg.eval_problems >= 1, "eval_problems", "must be ≥ 1")
+    need(cfg.ref_model_sync_steps >= 0, "ref_model_sync_steps", "must be ≥ 0 (0 = never)")
+    task_from_flags(cfg.task, cfg.task_args)
+    ckpt_flag(cfg.ckpt)
 
 
 # ---------------------------------------------------------------------- prompts

@@ -99,21 +99,28 @@ class TrainConfig:
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
+        """Every bad value is refused here, in one line naming the flag and the range it takes,
+        before a run directory is written or a model built (NaN fails every comparison, so the
+        float checks also refuse it; ±inf is refused where a finite number is needed)."""
         def need(ok: bool, flag: str, msg: str) -> None:
             if not ok:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(self, flag)}: {msg}")
 
         need(self.max_steps >= self.MIN_STEPS, "max_steps", f"must be ≥ {self.MIN_STEPS}")
         need(self.max_minutes >= 0, "max_minutes", "must be ≥ 0 (0 = no limit)")
-        need(self.learning_rate > 0, "learning_rate", "must be > 0")
+        need(0 < self.learning_rate < math.inf, "learning_rate", "must be a finite number > 0")
         need(self.warmup_steps >= 0, "warmup_steps", "must be ≥ 0")
+        need(not self.max_steps or self.warmup_steps <= self.max_steps, "warmup_steps",
+             f"must be ≤ --max-steps {self.max_steps} (the whole run would be warmup)")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "must be in [0, 1]")
         need(0 < self.decay_fraction <= 1, "decay_fraction", "must be in (0, 1]")
-        need(self.weight_decay >= 0, "weight_decay", "must be ≥ 0")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be ≥ 0 (0 = no clipping)")
+        need(0 <= self.weight_decay < math.inf, "weight_decay", "must be a finite number ≥ 0")
+        need(0 <= self.beta1 < 1, "beta1", "must be in [0, 1)")
+        need(0 <= self.beta2 < 1, "beta2", "must be in [0, 1)")
+        need(0 <= self.max_grad_norm < math.inf, "max_grad_norm", "must be a finite number ≥ 0 (0 = no clipping)")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps", "must be ≥ 1")
-        need(self.router_gamma >= 0, "router_gamma", "must be ≥ 0")
-        need(self.balance_alpha >= 0, "balance_alpha", "must be ≥ 0")
+        need(0 <= self.router_gamma < math.inf, "router_gamma", "must be a finite number ≥ 0")
+        need(0 <= self.balance_alpha < math.inf, "balance_alpha", "must be a finite number ≥ 0")
         need(self.threads >= 0, "threads", "must be ≥ 0 (0 = torch's default)")
         need(self.logging_steps >= 1, "logging_steps", "must be ≥ 1")
         for name in ("eval_steps", "save_steps", "keep_last"):
@@ -121,6 +128,15 @@ class TrainConfig:
         for name in ("batch_size", "seq_len"):  # the stages that read token batches have these
             if hasattr(self, name):
                 need(getattr(self, name) >= 1, name, "must be ≥ 1")
+        if hasattr(self, "batch_size"):  # each step's batch is cut into that many micro-batches
+            need(self.batch_size % self.gradient_accumulation_steps == 0, "batch_size",
+                 f"must be a multiple of --gradient-accumulation-steps {self.gradient_accumulation_steps}")
+        if self.device != "auto":
+            from ..engine.engine import check_device
+
+            check_device(self.device)
+        if Path(self.out).is_file():
+            raise FileExistsError(f"--out {self.out}: is a file; a run's output is a directory")
 
 
 # ---------------------------------------------------------------------- optimizer and schedule

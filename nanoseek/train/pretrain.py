@@ -17,9 +17,10 @@ eval.json and report.md with the loss curve.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import torch.distributed as dist
 
@@ -57,10 +58,29 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        ctx = preset(self.preset).max_position_embeddings  # an unknown preset is a ValueError here too
+        from ..config import PRESETS
+
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
+        ctx = preset(self.preset).max_position_embeddings
         if self.seq_len > ctx:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the {self.preset} preset's context "
                              f"(max_position_embeddings={ctx})")
+        for name, lo in (("vocab_size", 0), ("arith_eval", 0), ("val_tokens", 1), ("arith_digits", 1)):
+            if getattr(self, name) < lo:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ {lo}")
+        if not 0 <= self.mtp_weight < math.inf:
+            raise ValueError(f"--mtp-weight {self.mtp_weight}: must be a finite number ≥ 0")
+        if self.data.startswith("builtin:"):
+            parse_builtin(self.data, BUILTIN_DEFAULT_DOCS)  # an unknown corpus or parameter fails here
+        elif not Path(self.data).is_dir():
+            raise FileNotFoundError(f"--data {self.data}: not a token shard directory or builtin:NAME "
+                                    "(make one with `nanoseek data prepare`)")
+        if self.tokenizer is not None:
+            tok = Path(self.tokenizer)
+            if not (tok / "tokenizer.json").is_file() and not tok.is_file():
+                what = "no such directory" if not tok.exists() else f"no tokenizer.json in {tok}"
+                raise FileNotFoundError(f"--tokenizer {self.tokenizer}: {what}")
 
 
 def get_tokenizer(cfg: PretrainConfig, vocab_size: int, rt):

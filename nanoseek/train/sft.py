@@ -27,10 +27,9 @@ from urllib.parse import parse_qsl
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import ckpt_flag, load_pretrained, resolve_ckpt
 from ..tokenizer import Tokenizer
 from .loop import Trainer, TrainConfig, balance_loss, start_run
-from .rundir import resolve_ckpt
 
 BUILTIN_SETS = {"sft-arith": "arithmetic", "sft-countdown": "countdown"}
 
@@ -58,37 +57,75 @@ class SFTConfig(TrainConfig):
     pack: bool = field(default=True, metadata={"help": "pack conversations (block-diagonal attention)"})
 
     def __post_init__(self) -> None:
+        """The shared checks, then SFT's: the epochs, the checkpoint (a run directory is fine), a
+        seq-len the checkpoint's context holds, and a built-in data spec's knobs, all before
+        anything is read beyond config.json or written."""
         super().__post_init__()
-        if self.epochs <= 0 and not self.max_steps:
-            raise ValueError(f"--epochs {self.epochs}: must be > 0 (or give --max-steps)")
+        if not (0 < self.epochs < math.inf) and not self.max_steps:
+            raise ValueError(f"--epochs {self.epochs}: must be a finite number > 0 (or give --max-steps)")
+        ckpt = ckpt_flag(self.ckpt)
+        if (ckpt / "config.json").is_file():  # a missing or broken one is the loader's one line
+            try:
+                ctx = json.loads((ckpt / "config.json").read_text()).get("max_position_embeddings")
+            except (ValueError, OSError, AttributeError):
+                ctx = None
+            if isinstance(ctx, int) and self.seq_len > ctx:
+                raise ValueError(f"--seq-len {self.seq_len} exceeds the checkpoint's context "
+                                 f"(max_position_embeddings={ctx} in {ckpt / 'config.json'})")
+        if self.data.startswith("builtin:"):
+            _builtin_task(self.data)
 
 
 # ---------------------------------------------------------------------- data
 def _parse_builtin(spec: str) -> tuple[str, dict]:
     name, _, query = spec[len("builtin:"):].partition("?")
     if name not in BUILTIN_SETS:
-        raise ValueError(f"data spec {spec!r}: unknown built-in SFT set; choose from "
+        raise ValueError(f"--data {spec!r}: unknown built-in SFT set; choose from "
                          f"{', '.join('builtin:' + k for k in BUILTIN_SETS)}")
     args: dict = {}
-    for k, v in parse_qsl(query, strict_parsing=bool(query)):
+    try:
+        pairs = parse_qsl(query, strict_parsing=bool(query))
+    except ValueError:
+        raise ValueError(f"--data {spec!r}: cannot read the parameters after '?' (expected k=v&k=v)") from None
+    for k, v in pairs:
         args[k] = int(v) if v.lstrip("-").isdigit() else v
     return name, args
+
+
+def _builtin_task(spec: str):
+    """builtin:sft-NAME?n=&seed=&KNOB= → (task, n, seed); every bad value names the spec."""
+    from ..tasks import get_task
+
+    name, args = _parse_builtin(spec)
+    n, seed = args.pop("n", 2000), args.pop("seed", 0)
+    for key, v, lo in (("n", n, 1), ("seed", seed, None)):
+        if not isinstance(v, int) or (lo is not None and v < lo):
+            raise ValueError(f"--data {spec!r}: {key}={v} must be an integer{f' ≥ {lo}' if lo else ''}")
+    try:
+        return get_task(BUILTIN_SETS[name], **args), n, seed
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--data {spec!r}: {e}") from None
 
 
 def load_conversations(spec: str) -> list[list[dict]]:
     """A data spec → list of message lists. Errors name the file and line."""
     if spec.startswith("builtin:"):
-        from ..tasks import cold_start_sft, get_task
+        from ..tasks import cold_start_sft
 
-        name, args = _parse_builtin(spec)
-        n, seed = int(args.pop("n", 2000)), int(args.pop("seed", 0))
-        task = get_task(BUILTIN_SETS[name], **args)
+        task, n, seed = _builtin_task(spec)
         return [c["messages"] for c in cold_start_sft(task, n, seed)]
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"--data {spec!r}: is a directory; expected a chat .jsonl file or builtin:NAME")
     if not path.is_file():
-        raise FileNotFoundError(f"data spec {spec!r}: no such file (expected a chat .jsonl or builtin:NAME)")
+        raise FileNotFoundError(f"--data {spec!r}: no such file (expected a chat .jsonl or builtin:NAME)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte {e.start}); expected a chat .jsonl text file") from None
     convs = []
-    for i, line in enumerate(path.read_text().splitlines(), start=1):
+    for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -227,7 +264,11 @@ def sft(cfg: SFTConfig, on_step=None) -> Path:
     rows = pack(tokenize(convs, tok, cfg.seq_len), cfg.seq_len, tok.pad_id, cfg.pack)
     n_tok = sum(sum(t != -100 for t in r[1]) for r in rows)
     if not cfg.max_steps:  # the resolved config (what config.json records) names the steps
-        cfg = dataclasses.replace(cfg, max_steps=max(1, math.ceil(cfg.epochs * max(1, len(rows) // cfg.batch_size))))
+        steps = max(1, math.ceil(cfg.epochs * max(1, len(rows) // cfg.batch_size)))
+        if cfg.warmup_steps > steps:
+            raise ValueError(f"--warmup-steps {cfg.warmup_steps}: more than the {steps} steps --epochs {cfg.epochs} "
+                             f"gives ({len(rows)} rows, --batch-size {cfg.batch_size}); lower it or give --max-steps")
+        cfg = dataclasses.replace(cfg, max_steps=steps)
     rt = start_run(cfg)
     model = load_pretrained(ckpt, device=rt.device)
     if rt.is_main:
