@@ -181,9 +181,9 @@ ROWS: list[tuple[list[str], list[str]]] = [
     ([*GRPO, "--loss-type", "ppo"], ["argument --loss-type: invalid choice: 'ppo'"]),
     ([*GRPO, "--max-steps", "-5"], ["--max-steps -5", "≥ 1"]),
     ([*GRPO, "--learning-rate", "0"], ["--learning-rate 0.0", "> 0"]),
-    (["grpo", "--ckpt", "{unfinished}", "--task", "arithmetic", "--out", "{out}"], ["--ckpt {unfinished}", "no model/"]),
-    (["grpo", "--ckpt", "{file}", "--task", "arithmetic", "--out", "{out}"], ["--ckpt {file}", "is a file"]),
-    (["grpo", "--ckpt", "{empty}", "--task", "arithmetic", "--out", "{out}"], ["--ckpt {empty}", "empty directory"]),
+    (["grpo", "--ckpt", "{unfinished}", "--task", "arithmetic", "--out", "{out}"], ["{unfinished}: ", "no model/"]),
+    (["grpo", "--ckpt", "{file}", "--task", "arithmetic", "--out", "{out}"], ["{file}: ", "is a file"]),
+    (["grpo", "--ckpt", "{empty}", "--task", "arithmetic", "--out", "{out}"], ["{empty}: ", "empty directory"]),
     # ------------------------------------------------------------------ eval
     ([*EVAL, "--k", "0"], ["--k 0", "≥ 1"]),
     ([*EVAL, "--n", "0"], ["--n 0", "≥ 1"]),

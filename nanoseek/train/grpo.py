@@ -131,9 +131,9 @@ class GRPOConfig(TrainConfig):
 
 
 def check_grpo_flags(cfg: GRPOConfig) -> None:
-    """The rest of GRPOConfig's checks, each one line naming the flag and its range: the policy
-    checkpoint (a run directory is fine), the task and its knobs, the sampling and loss knobs."""
-    from ..checkpoint import ckpt_flag
+    """The rest of GRPOConfig's checks, each one line naming the flag and its range: the task and
+    its knobs, the sampling and loss knobs. (The checkpoint is checked when grpo() resolves it: a
+    config that only carries the loss knobs, as for grpo_update, has none.)"""
     from ..tasks import task_from_flags
 
     def need(ok: bool, name: str, msg: str) -> None:
@@ -150,7 +150,6 @@ def check_grpo_flags(cfg: GRPOConfig) -> None:
     need(cfg.eval_problems >= 1, "eval_problems", "must be ≥ 1")
     need(cfg.ref_model_sync_steps >= 0, "ref_model_sync_steps", "must be ≥ 0 (0 = never)")
     task_from_flags(cfg.task, cfg.task_args)
-    ckpt_flag(cfg.ckpt)
 
 
 # ---------------------------------------------------------------------- prompts
