@@ -5,13 +5,20 @@ Each stage is a function of a shared `Demo` context and is listed in STAGES, so 
 Everything lands in runs/demo/<stage>/. Re-running continues: a stage interrupted with Ctrl-C
 resumes from its last checkpoint, and a finished one is not trained again.
 
-    python -m nanoseek.demo              # all stages
+    python -m nanoseek.demo              # all stages, seed 0, in runs/demo
     python -m nanoseek.demo --fresh      # delete runs/demo first
+    python -m nanoseek.demo --seed 1     # the whole pipeline on another seed, in runs/demo-seed1
+
+The seed sets everything random in every stage: the corpus, the initial weights, the SFT and
+GRPO data order and rollouts. The held-out evaluation sets do not change with it, so the
+figures of different seeds compare. The run ends with RUN/summary.md: each stage's figure and
+minutes (docs/reasoning.md has the table of several seeds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -19,15 +26,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-DATA = "builtin:arith"
 
 
 @dataclass
 class Demo:
     root: Path = Path("runs/demo")
+    seed: int = 0
     preset: str = "small"
     tokenizer: Path | None = None
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage → its final checkpoint
+    results: list[dict] = field(default_factory=list)  # one row per stage: figure and minutes
+
+    @property
+    def data(self) -> str:
+        """The pretraining corpus of this seed (the held-out test keys are never in any)."""
+        return f"builtin:arith?seed={self.seed}"
+
+    def record(self, stage: str, figure: str, seconds: float | None) -> None:
+        """One summary row. seconds=None: the stage was done by an earlier invocation, whose
+        minutes (from RUN/summary.json) are kept."""
+        old = {r["stage"]: r for r in self._saved()}
+        minutes = round(seconds / 60, 1) if seconds is not None else old.get(stage, {}).get("minutes")
+        self.results.append({"stage": stage, "figure": figure, "minutes": minutes})
+        (self.root / "summary.json").write_text(json.dumps(self.results, indent=2) + "\n")
+
+    def _saved(self) -> list[dict]:
+        path = self.root / "summary.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def write_summary(self) -> Path:
+        """RUN/summary.md: the table docs/reasoning.md collects over seeds."""
+        total = sum(r["minutes"] or 0 for r in self.results)
+        lines = [f"# demo, seed {self.seed}", "", "| stage | figure | minutes |", "|---|---|---|",
+                 *(f"| {r['stage']} | {r['figure']} | {r['minutes']} |" for r in self.results),
+                 f"| all | | {total:.1f} |", ""]
+        path = self.root / "summary.md"
+        path.write_text("\n".join(lines))
+        return path
 
     @property
     def latest(self) -> Path | None:
@@ -63,9 +98,9 @@ def stage_tokenizer(demo: Demo) -> None:
     from .tokenizer import TokenizerTrainConfig, train_tokenizer
 
     out = demo.root / "tokenizer"
-    banner(f"tokenizer: byte-level BPE on {DATA} → {out}")
+    banner(f"tokenizer: byte-level BPE on {demo.data} → {out}")
     if not (out / "tokenizer.json").exists():
-        train_tokenizer(TokenizerTrainConfig(data=f"{DATA}?n=5000", out=str(out),
+        train_tokenizer(TokenizerTrainConfig(data=f"{demo.data}&n=5000", out=str(out),
                                              vocab_size=preset(demo.preset).vocab_size))
     from .tokenizer import Tokenizer
 
@@ -76,16 +111,17 @@ def stage_tokenizer(demo: Demo) -> None:
 
 def stage_pretrain(demo: Demo) -> None:
     """Pretrain the small MLA + MoE + MTP model; print greedy samples and held-out accuracy."""
-    import json
-
     from .train.pretrain import PretrainConfig, pretrain
 
     out = demo.root / "pretrain"
-    banner(f"pretrain: {demo.preset} on {DATA} → {out}")
-    cfg = PretrainConfig(preset=demo.preset, data=DATA, tokenizer=str(demo.tokenizer), out=str(out), resume=True)
+    banner(f"pretrain: {demo.preset} on {demo.data} → {out}")
+    cfg = PretrainConfig(preset=demo.preset, data=demo.data, seed=demo.seed, tokenizer=str(demo.tokenizer),
+                         out=str(out), resume=True)
+    done_before = (out / "eval.json").is_file()
     t = time.time()
     final = pretrain(cfg)
     print(f"pretraining took {time.time() - t:.0f} s; report: {out / 'report.md'}")
+    trained = None if done_before else time.time() - t
     ev = json.loads((out / "eval.json").read_text())
     for prompt, cont, truth, ok in ev["samples"]:
         print("-" * 40)
@@ -94,12 +130,14 @@ def stage_pretrain(demo: Demo) -> None:
     print("-" * 40)
     print(f"held-out {ev['digits']}-digit addition, greedy: {ev['accuracy']:.1%} of {ev['n']} correct")
     demo.checkpoints["pretrain"] = final
+    demo.record("pretrain", f"{ev['accuracy']:.1%} held-out 1-{ev['digits']}-digit addition (Q/A, greedy)", trained)
 
 
 # ---- reasoning stages (SFT cold start → GRPO with verifiable rewards); see docs/reasoning.md
-SFT_DATA = "builtin:sft-arith?n=4000&digits=3"  # cold start: worked <think> traces, operands of 1-3 digits
-# GRPO's task: both operands of three digits — the hard end of what the cold start saw, which it
-# leaves half-solved (greedy ~36%, yet ~70% of problems solved by one of 8 samples: room to learn)
+# cold start: 2000 chats with worked <think> traces, operands of 1-3 digits, one epoch (~90 steps):
+# enough to carry the base's column addition into the chat form (fewer steps leave the format unlearnt)
+SFT_DATA = "builtin:sft-arith?n=2000&digits=3&seed={seed}"
+# GRPO's task: both operands of three digits, the hardest problems the cold start saw
 GRPO_TASK = {"digits": 3, "min_digits": 3}
 
 
@@ -113,31 +151,42 @@ def _task_eval(ckpt: Path, label: str) -> dict:
     return res
 
 
+def _figure(res: dict) -> str:
+    return f"{res['pass@1']:.1%} held-out 3-digit + 3-digit addition (chat, greedy), format {res['format']:.0%}"
+
+
 def stage_sft(demo: Demo) -> None:
     """Cold-start SFT: chats whose assistant turn thinks (column by column) then answers."""
     from .train.sft import SFTConfig, resolve_ckpt, sft
 
     out = demo.root / "sft"
-    banner(f"sft: {SFT_DATA} → {out}")
+    data = SFT_DATA.format(seed=demo.seed)
+    banner(f"sft: {data} → {out}")
+    t = None
     if not (out / "model" / "config.json").exists():
-        sft(SFTConfig(ckpt=str(demo.latest), data=SFT_DATA, out=str(out), epochs=2, resume=True))
+        t = time.time()
+        sft(SFTConfig(ckpt=str(demo.latest), data=data, out=str(out), epochs=1, seed=demo.seed, resume=True))
+        t = time.time() - t
     demo.checkpoints["sft"] = resolve_ckpt(out)
-    _task_eval(demo.checkpoints["sft"], "after SFT")
+    demo.record("sft", _figure(_task_eval(demo.checkpoints["sft"], "after SFT")), t)
 
 
 def stage_grpo(demo: Demo) -> None:
-    """GRPO on 3-digit + 3-digit addition: accuracy + format rewards, engine rollouts, 19 minutes."""
+    """GRPO on 3-digit + 3-digit addition: accuracy + format rewards, engine rollouts, 5 minutes."""
     from .train.grpo import GRPOConfig, grpo
 
     out = demo.root / "grpo"
-    banner(f"grpo: arithmetic {GRPO_TASK} from {demo.latest} → {out} (about 20 minutes on 2 cores)")
+    banner(f"grpo: arithmetic {GRPO_TASK} from {demo.latest} → {out} (about 5 minutes on 2 cores)")
+    t = None
     if not (out / "model" / "config.json").exists():
+        t = time.time()
         grpo(GRPOConfig(ckpt=str(demo.latest), task="arithmetic", task_args=GRPO_TASK, out=str(out),
-                        max_steps=1000, max_minutes=19, prompts_per_step=16, num_generations=8,
-                        max_completion_length=80, learning_rate=3e-5, temperature=1.0, epsilon_high=0.28,
-                        reward_weights=[1.0, 0.2], eval_steps=10, threads=2, resume=True))
+                        max_steps=300, max_minutes=5, prompts_per_step=16, num_generations=8,
+                        max_completion_length=128, learning_rate=3e-5, temperature=1.0, epsilon_high=0.28,
+                        reward_weights=[1.0, 0.2], eval_steps=20, seed=demo.seed, threads=2, resume=True))
+        t = time.time() - t
     demo.checkpoints["grpo"] = out / "model"
-    _task_eval(demo.checkpoints["grpo"], "after GRPO")
+    demo.record("grpo", _figure(_task_eval(demo.checkpoints["grpo"], "after GRPO")), t)
     print(f"reward/accuracy plot: {out / 'grpo.png'}; per-step metrics: {out / 'metrics.jsonl'}")
 
 
@@ -152,10 +201,12 @@ STAGES: list[tuple[str, Callable[[Demo], None]]] = [
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nanoseek.demo", description=__doc__.split("\n")[0])
-    ap.add_argument("--root", default="runs/demo")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every stage (corpus, weights, data order, rollouts)")
+    ap.add_argument("--root", default=None, help="run directory (default: runs/demo, or runs/demo-seedS for --seed S ≠ 0)")
     ap.add_argument("--fresh", action="store_true", help="delete the demo directory first")
     args = ap.parse_args(argv)
-    demo = Demo(root=Path(args.root))
+    root = Path(args.root or ("runs/demo" if args.seed == 0 else f"runs/demo-seed{args.seed}"))
+    demo = Demo(root=root, seed=args.seed)
     if args.fresh and demo.root.exists():
         shutil.rmtree(demo.root)
     try:
@@ -165,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted; run the demo again to continue where it stopped", file=sys.stderr)
         return 130
     banner("done")
+    print(demo.write_summary().read_text())
     if demo.latest is not None:
         print("serve it (OpenAI/DeepSeek-compatible API + chat page):")
         print(f"  nanoseek serve --ckpt {demo.latest}")

@@ -289,12 +289,15 @@ def chat_text(p: Problem, tagged: bool) -> str:
     return f"{head} {p.solution}\n#### {p.answer}"
 
 
-# The mix: mostly 1-3 digit addition, some subtraction, short multiplication, short chains.
-_MIX = [  # (weight, digits, ops, chain, mul_digits)
-    (0.60, 3, "+", 2, None),
-    (0.15, 3, "-", 2, None),
-    (0.15, 2, "*", 2, 1),
-    (0.10, 2, "+-", 3, None),
+# The mix: mostly 1-3 digit addition — a quarter of all documents with both operands of three
+# digits, the longest copies the traces make and the ones a base model gets wrong last — some
+# subtraction, short multiplication, short chains.
+_MIX = [  # (weight, digits, ops, chain, mul_digits, min_digits)
+    (0.50, 3, "+", 2, None, 1),
+    (0.25, 3, "+", 2, None, 3),
+    (0.10, 3, "-", 2, None, 1),
+    (0.10, 2, "*", 2, 1, 1),
+    (0.05, 2, "+-", 3, None, 1),
 ]
 
 
@@ -314,8 +317,8 @@ def corpus_documents(n_docs: int | None, seed: int, chat: float = 0.0, tagged: f
 
     def draw() -> Problem:
         while True:
-            _, digits, ops, chain, mul = rng.choices(_MIX, weights)[0]
-            p = sample_problem(rng, digits, ops, chain, mul_digits=mul)
+            _, digits, ops, chain, mul, lo = rng.choices(_MIX, weights)[0]
+            p = sample_problem(rng, digits, ops, chain, min_digits=lo, mul_digits=mul)
             if p is not None and usable(p, "train"):
                 return p
 
