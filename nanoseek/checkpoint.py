@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .model import DeepSeekV3
@@ -186,64 +186,6 @@ def ckpt_flag(path: str | Path, flag: str = "--ckpt") -> Path:
         raise type(e)(f"{flag} {e}") from None
 
 
-def _read_weights(path: Path) -> dict[str, tuple[torch.Tensor, str]]:
-    """All tensors of a checkpoint directory, each with the file it came from."""
-    files = []
-    if (path / WEIGHTS).exists():
-        files = [path / WEIGHTS]
-    elif (path / INDEX).exists():
-        try:
-            index = json.loads((path / INDEX).read_text())
-            files = [path / f for f in sorted(set(index["weight_map"].values()))]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{path / INDEX}: not a valid safetensors index ({e})") from None
-    else:
-        raise FileNotFoundError(f"{path}: no {WEIGHTS} or {INDEX} here")
-    out = {}
-    for f in files:
-        try:
-            for k, v in load_file(str(f)).items():
-                out[k] = (v, f.name)
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: cannot read safetensors file ({e})") from None
-    return out
-
-
-def load_state(model: DeepSeekV3, tensors: dict[str, tuple[torch.Tensor, str]], where: Path) -> None:
-    cfg = model.config
-    own = model.state_dict()
-    seen: set[str] = set()
-    with torch.no_grad():
-        for key, (t, fname) in tensors.items():
-            mapped = _from_hf_name(key, cfg)
-            if mapped is None:
-                continue
-            name, expert = mapped
-            if name not in own:
-                raise ValueError(f"{where / fname}: unexpected key {key!r} for this config.json")
-            dst = own[name][expert] if expert is not None else own[name]
-            if tuple(dst.shape) != tuple(t.shape):
-                raise ValueError(f"{where / fname}: key {key!r} has shape {tuple(t.shape)}, "
-                                 f"config.json implies {tuple(dst.shape)}")
-            dst.copy_(t)
-            seen.add(name if expert is None else f"{name}.{expert}")
-    missing = []
-    for name, t in own.items():
-        if name.startswith("rotary.") or name.endswith("tokens_per_expert"):
-            continue
-        if _EXPERT.match(name) or re.match(r"^mtp\.\d+\.block\.mlp\.experts\.\w+_proj$", name):
-            missing += [f"{name}.{e}" for e in range(t.shape[0]) if f"{name}.{e}" not in seen]
-        elif name not in seen:
-            missing.append(name)
-    mtp_missing = [m for m in missing if m.startswith("mtp.")]
-    if mtp_missing:  # transformers drops MTP weights on save; keep the randomly initialised ones
-        warnings.warn(f"{where}: no multi-token-prediction weights on disk ({len(mtp_missing)} tensors); "
-                      "the MTP modules are freshly initialised", stacklevel=3)
-    missing = [m for m in missing if not m.startswith("mtp.")]
-    if missing:
-        raise ValueError(f"{where}: missing weights for {missing[:5]}{' …' if len(missing) > 5 else ''}")
-
-
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the key or field."""
 
@@ -363,8 +305,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
 
     Everything that can be checked without the model is checked before it is built: the config's
     fields, the model's size against free memory, every tensor's key, dtype and shape and the
-    layer count (from the safetensors headers). Values are then copied one tensor at a time
-    (never all of the file and the model in memory at once), each checked to be finite.
+    layer count (from the safetensors headers) — and every value is finite, read one tensor at a
+    time. Only then is the model built, and the values copied in (never all of the file and the
+    model in memory at once).
     """
     path = resolve_ckpt(path)
     cfg = ModelConfig.load(path / "config.json")
@@ -372,23 +315,30 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     headers = _headers(files)
     shapes = _check_size(cfg, path / "config.json")
     plan = _plan(cfg, headers, shapes, path)
-    model = DeepSeekV3(cfg)  # initialised, so anything the file may lack (MTP) has defined values
-    own = model.state_dict()
     by_file: dict[Path, list[tuple[str, str, int | None]]] = {}
     for key, name, expert in plan:
         by_file.setdefault(headers[key][0], []).append((key, name, expert))
+    for (key, _, _), t in _tensors(by_file):  # values first, one tensor at a time: nothing built yet
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{headers[key][0]}: key {key!r} holds NaN or infinite values")
+    model = DeepSeekV3(cfg)  # initialised, so anything the file may lack (MTP) has defined values
+    own = model.state_dict()
     with torch.no_grad():
-        for f, items in by_file.items():
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    for key, name, expert in items:
-                        t = h.get_tensor(key)
-                        if not torch.isfinite(t).all():
-                            raise CheckpointError(f"{f}: key {key!r} holds NaN or infinite values")
-                        (own[name][expert] if expert is not None else own[name]).copy_(t)
-            except (SafetensorError, OSError, RuntimeError) as e:
-                raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+        for (_, name, expert), t in _tensors(by_file):
+            (own[name][expert] if expert is not None else own[name]).copy_(t)
     return cast(model.to(device), dtype).eval()
+
+
+def _tensors(by_file: dict[Path, list[tuple[str, str, int | None]]]):
+    """((key, name, expert), tensor) for every planned tensor, read one at a time (the OS caches
+    the pages, so the second pass over a file is cheap)."""
+    for f, items in by_file.items():
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                for item in items:
+                    yield item, h.get_tensor(item[0])
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
 
 
 def cast(model: DeepSeekV3, dtype: torch.dtype | None) -> DeepSeekV3:

@@ -594,7 +594,7 @@ class Trainer:
         """Load weights, optimizer, step, RNG and the data position from `path` (default: the
         newest checkpoint). Returns the saved trainer state, or None when there is nothing to
         resume from (a fresh run, said aloud)."""
-        from ..checkpoint import _read_weights, load_state
+        from ..checkpoint import load_pretrained
 
         path = Path(path) if path else self.latest_checkpoint()
         if path is None:
@@ -603,9 +603,7 @@ class Trainer:
             return None
         state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
         rundir.check_schedule(state.get("config", {}), self.cfg, type(self.cfg).SCHEDULE_FIELDS)
-        plain = type(self.model)(self.model.config)
-        load_state(plain, _read_weights(path), path)
-        weights = plain.state_dict()
+        weights = load_pretrained(path).state_dict()  # validated on its way in, like any load
         if self.cfg.fsdp and self.rt.distributed:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
