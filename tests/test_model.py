@@ -194,7 +194,7 @@ def test_info_cli(capsys):
     out = capsys.readouterr().out
     assert "671.03B" in out and "70,272 bytes" in out and "4,997,120 bytes" in out
     assert main(["info", "--preset", "nope"]) == 2
-    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert "--preset 'nope': unknown preset; choose one of tiny" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------- checkpoints
