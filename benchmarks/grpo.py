@@ -34,7 +34,7 @@ from nanoseek.tasks.rewards import load_reward, weighted  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.train.grpo import EngineSampler, GRPOConfig, build_prompt, grpo_update, reward_kwargs, score  # noqa: E402
 from nanoseek.train.loop import Trainer  # noqa: E402
-from nanoseek.train.rundir import resolve_ckpt  # noqa: E402
+from nanoseek.checkpoint import resolve_ckpt  # noqa: E402
 
 # `nanoseek grpo`'s own reward (accuracy + format, weight 1 each, chat template), for both sides
 REWARD = weighted({name: (load_reward(name), 1.0) for name in ("accuracy", "format")})

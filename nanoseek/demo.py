@@ -157,7 +157,8 @@ def _figure(res: dict) -> str:
 
 def stage_sft(demo: Demo) -> None:
     """Cold-start SFT: chats whose assistant turn thinks (column by column) then answers."""
-    from .train.sft import SFTConfig, resolve_ckpt, sft
+    from .checkpoint import resolve_ckpt
+    from .train.sft import SFTConfig, sft
 
     out = demo.root / "sft"
     data = SFT_DATA.format(seed=demo.seed)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from nanoseek.checkpoint import load_pretrained
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.sft import (SFTConfig, block_causal_mask, load_conversations, pack, resolve_ckpt, sft,
+from nanoseek.checkpoint import resolve_ckpt
+from nanoseek.train.sft import (SFTConfig, block_causal_mask, load_conversations, pack, sft,
                                 sft_loss, tokenize)
 
 

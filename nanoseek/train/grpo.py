@@ -50,7 +50,8 @@ from ..tasks.rewards import load_reward, weighted
 from ..tokenizer import Tokenizer
 from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
 from .loop import Trainer, TrainConfig, balance_loss, start_run
-from .rundir import read_metrics, resolve_ckpt
+from ..checkpoint import ckpt_flag
+from .rundir import read_metrics
 from .runtime import Runtime, all_reduce_sum, gather_rows
 
 # grpo_loss's token-mean stats (and "kl" with a reference): under torchrun summed over ranks by
@@ -448,7 +449,7 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
     """GRPO on a verifiable task: engine rollouts, rule rewards, clipped surrogate (+ k3 KL)."""
     from ..report import write_report
 
-    ckpt = resolve_ckpt(cfg.ckpt)
+    ckpt = ckpt_flag(cfg.ckpt)
     task = get_task(cfg.task, **cfg.task_args)  # a bad task or knob fails before the run starts
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.prompts_per_step % world:

@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import RUN_MODEL, resolve_ckpt  # noqa: F401  (resolve_ckpt: kept importable from here)
+from ..checkpoint import RUN_MODEL
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
