@@ -244,13 +244,17 @@ class Engine:
         r = self._live.get(request_id)
         if r is None:
             return
+        self._unschedule(r)
+        self._aborted.append(self._finish(r, "abort", ""))
+
+    def _unschedule(self, r: Request) -> None:
+        """Take a request out of the scheduler's queues and give its cache blocks back."""
         s = self.scheduler
         if r in s.running:
             s.running.remove(r)
         elif r in s.waiting:
             s.waiting.remove(r)
         s.free(r)
-        self._aborted.append(self._finish(r, "abort", ""))
 
     def _finish(self, r: Request, reason: str, delta: str, tokens=(), lps=None, error: str | None = None
                 ) -> StreamEvent:
@@ -265,12 +269,7 @@ class Engine:
 
     def _fail(self, r: Request, e: BaseException) -> StreamEvent:
         """End one request with finish_reason "error" and free its blocks."""
-        s = self.scheduler
-        if r in s.running:
-            s.running.remove(r)
-        elif r in s.waiting:
-            s.waiting.remove(r)
-        s.free(r)
+        self._unschedule(r)
         return self._finish(r, "error", "", error=f"{type(e).__name__}: {e}")
 
     def _event(self, r: Request, delta: str, tokens: list[int], reason: str | None, lps) -> StreamEvent:
