@@ -337,7 +337,33 @@ def _small() -> ModelConfig:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "v2-lite": _v2_lite, "v3-671b": _v3_671b}
+def _dense(base: ModelConfig, **sizes: Any) -> ModelConfig:
+    """A distillation student: `base`'s attention (MLA) with every layer a dense FFN
+    (first_k_dense_replace = num_hidden_layers) and no MTP module. It is still a `deepseek_v3`
+    config, so transformers, the engine and every nanoseek command load it as any checkpoint;
+    the router fields stay as they are and build nothing."""
+    cfg = base.replace(num_nextn_predict_layers=0, **sizes)
+    return cfg.replace(first_k_dense_replace=cfg.num_hidden_layers)
+
+
+def _dense_tiny() -> ModelConfig:
+    """For tests: a student for `tiny` teachers."""
+    return _dense(_tiny(), num_hidden_layers=2, intermediate_size=128)
+
+
+def _dense_small() -> ModelConfig:
+    """The demo's student: 0.31× the total parameters of `small` (most of what is left is the
+    2048-token embedding and head), all four layers dense."""
+    return _dense(_small(), hidden_size=112, intermediate_size=256, q_lora_rank=64)
+
+
+def _dense_base() -> ModelConfig:
+    """`small`'s width and depth, every layer dense: about 0.7× its total parameters."""
+    return _dense(_small())
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "v2-lite": _v2_lite, "v3-671b": _v3_671b,
+           "dense-tiny": _dense_tiny, "dense-small": _dense_small, "dense-base": _dense_base}
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:
