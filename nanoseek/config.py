@@ -2,8 +2,9 @@
 
 The field names are exactly those of a Hugging Face `config.json`, so a checkpoint directory
 written by nanoseek is read by `transformers.AutoConfig` as it is, and theirs by us. Two fields
-exist only to express DeepSeek-V2 routing (`scoring_func`, `topk_method`); V3 is always
-sigmoid + noaux_tc, and `model_type` says which family a directory belongs to.
+choose the routing (`scoring_func`, `topk_method`): V3 is always sigmoid + noaux_tc (transformers
+assumes it and ignores them), V2 softmax + greedy or group-limited; `model_type` says which
+family a directory belongs to. config.json carries them for V3 too, as DeepSeek's own does.
 """
 
 from __future__ import annotations
@@ -115,6 +116,9 @@ class ModelConfig:
             bad(f"scoring_func must be sigmoid or softmax, got {self.scoring_func!r}")
         if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
             bad(f"unknown topk_method {self.topk_method!r}")
+        if not self.is_v2 and (self.scoring_func, self.topk_method) != ("sigmoid", "noaux_tc"):
+            bad(f"deepseek_v3 routes with scoring_func='sigmoid', topk_method='noaux_tc' (got "
+                f"{self.scoring_func!r}, {self.topk_method!r}); other routings are deepseek_v2")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim must be even (RoPE rotates pairs)")
         if self.n_routed_experts:
@@ -157,9 +161,8 @@ class ModelConfig:
         d["architectures"] = [arch]
         d["num_key_value_heads"] = self.num_attention_heads
         d["use_cache"] = True
-        if not self.is_v2:  # V3 is always sigmoid + noaux_tc; transformers has no such fields
-            d.pop("scoring_func")
-            d.pop("topk_method")
+        # scoring_func/topk_method are kept although transformers' V3 ignores them: DeepSeek's own
+        # config.json carries them, and converters (llama.cpp's) read the gating from them
         return d
 
     @classmethod

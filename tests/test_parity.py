@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -127,3 +128,18 @@ def test_v2_group_limited_greedy_matches_transformers(tmp_path):
     randomise(ours, 10)
     save_pretrained(ours, tmp_path / "v2g")
     check_same(ours, load_hf(tmp_path / "v2g", cfg), cfg.vocab_size, 11)
+
+
+def test_v3_config_json_carries_deepseeks_routing_fields(tmp_path):
+    """DeepSeek's released V3 config.json names its gating; converters (llama.cpp's) read it from
+    there and silently fall back to softmax without it."""
+    save_pretrained(DeepSeekV3(preset("tiny")), tmp_path / "ckpt")
+    d = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert d["model_type"] == "deepseek_v3"
+    assert {k: d[k] for k in ("scoring_func", "topk_method", "norm_topk_prob")} == {
+        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "norm_topk_prob": True}
+    for k in ("n_group", "topk_group", "num_nextn_predict_layers", "routed_scaling_factor",
+              "first_k_dense_replace", "n_shared_experts", "n_routed_experts", "kv_lora_rank"):
+        assert k in d, k
+    with pytest.raises(ValueError, match="deepseek_v3 routes with"):
+        ModelConfig.from_hf_dict({**d, "scoring_func": "softmax"})
