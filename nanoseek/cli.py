@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanoseek.train.sft", "SFTConfig:sft"),
     "grpo": ("nanoseek.train.grpo", "GRPOConfig:grpo"),
     "eval": ("nanoseek.eval.tasks", "EvalConfig:eval_task"),
+    "cost": ("nanoseek.cost", "CostConfig:cost"),
+    "report": ("nanoseek.report", "ReportConfig:report"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {
@@ -86,6 +88,9 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type) -> None:
         help_ = f.metadata.get("help", "")
         if not required:
             help_ += f" (default: {default})"
+        if f.metadata.get("positional"):  # `nanoseek report RUN`
+            parser.add_argument(f.name, metavar=f.name.upper(), help=help_.replace("%", "%%"))
+            continue
         kw: dict[str, Any] = dict(dest=f.name, help=help_.replace("%", "%%"), required=required and not resumable,
                                   default=argparse.SUPPRESS)
         if tp is bool:

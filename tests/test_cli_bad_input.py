@@ -52,6 +52,16 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["info", "--ckpt", "{empty}"], ["--ckpt {empty}", "empty directory"]),
     (["info", "--ckpt", "{unfinished}"], ["--ckpt {unfinished}", "no model/"]),
     (["info", "--ckpt", "{bad_config}"], ["{bad_config}/config.json", "not valid JSON"]),
+    # ------------------------------------------------------------------ cost, report
+    (["cost"], ["exactly one of --preset", "--ckpt"]),
+    (["cost", "--preset", "tiny"], ["--pretrain-tokens", "no recipe"]),
+    (["cost", "--preset", "v3-671b", "--hardware", "TPU"], ["argument --hardware: invalid choice: 'TPU'"]),
+    (["cost", "--preset", "v3-671b", "--mfu", "1.5"], ["--mfu 1.5", "[0, 1]"]),
+    (["cost", "--preset", "v3-671b", "--price-per-hour", "nan"], ["--price-per-hour nan", "finite"]),
+    (["cost", "--preset", "v3-671b", "--hardware", "cpu", "--dtype", "float8"], ["--dtype float8", "no FP8"]),
+    (["report", "{missing}"], ["RUN {missing}", "no such directory"]),
+    (["report", "{file}"], ["RUN {file}", "is a file"]),
+    (["report", "{empty}"], ["{empty}", "holds no stage run directories"]),
     # ------------------------------------------------------------------ tokenizer train
     (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "0"], ["--vocab-size 0", "≥ 264"]),
     (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "100"], ["--vocab-size 100", "≥ 264"]),

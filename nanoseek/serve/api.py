@@ -38,6 +38,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Str
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..cost import API_PRICES
 from .metrics import ServeMetrics
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionRequest,
@@ -72,9 +73,13 @@ class ServeConfig:
     think: bool = field(default=False, metadata={
         "help": "pre-open <think> in the generation prompt for `model_name` (the reasoner template); "
                 "the aliases deepseek-chat / deepseek-reasoner always mean off / on"})
-    price_cache_hit: float = field(default=0.14, metadata={"help": "USD per 1M prompt tokens served from cache"})
-    price_cache_miss: float = field(default=0.55, metadata={"help": "USD per 1M prompt tokens computed"})
-    price_output: float = field(default=2.19, metadata={"help": "USD per 1M completion tokens (reasoning included)"})
+    # defaults: deepseek-reasoner's list prices (nanoseek.cost.API_PRICES, with their date)
+    price_cache_hit: float = field(default=API_PRICES["deepseek-reasoner"][0], metadata={
+        "help": "USD per 1M prompt tokens served from cache"})
+    price_cache_miss: float = field(default=API_PRICES["deepseek-reasoner"][1], metadata={
+        "help": "USD per 1M prompt tokens computed"})
+    price_output: float = field(default=API_PRICES["deepseek-reasoner"][2], metadata={
+        "help": "USD per 1M completion tokens (reasoning included)"})
     max_queue: int = field(default=256, metadata={
         "help": "requests allowed to wait beyond max_num_seqs; past it 429 with Retry-After"})
     max_tokens_limit: int | None = field(default=None, metadata={
