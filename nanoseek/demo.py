@@ -11,8 +11,9 @@ resumes from its last checkpoint, and a finished one is not trained again.
 
 The seed sets everything random in every stage: the corpus, the initial weights, the SFT and
 GRPO data order and rollouts. The held-out evaluation sets do not change with it, so the
-figures of different seeds compare. The run ends with RUN/summary.md: each stage's figure and
-minutes (docs/reasoning.md has the table of several seeds).
+figures of different seeds compare. The run ends with RUN/summary.md (each stage's figure and
+minutes; docs/reasoning.md has the table of several seeds) and RUN/report.md, the pipeline's
+report card (`nanoseek report RUN` rebuilds it).
 """
 
 from __future__ import annotations
@@ -218,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     banner("done")
     print(demo.write_summary().read_text())
+    from .report import write_pipeline_report
+
+    print(f"report card (every stage's figures, plots, MFU and cost): {write_pipeline_report(demo.root)}")
     if demo.latest is not None:
         print("serve it (OpenAI/DeepSeek-compatible API + chat page):")
         print(f"  nanoseek serve --ckpt {demo.latest}")
