@@ -27,13 +27,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanoseek.train.sft", "SFTConfig:sft"),
     "grpo": ("nanoseek.train.grpo", "GRPOConfig:grpo"),
     "eval": ("nanoseek.eval.tasks", "EvalConfig:eval_task"),
+    "distill": ("nanoseek.distill.train", "DistillConfig:distill"),
     "cost": ("nanoseek.cost", "CostConfig:cost"),
     "report": ("nanoseek.report", "ReportConfig:report"),
 }
-# groups: `nanoseek tokenizer train`, `nanoseek data prepare`
+# groups: `nanoseek tokenizer train`, `nanoseek data prepare`; a group that is also a command
+# (`nanoseek distill` and `nanoseek distill traces`) runs the command when no sub-command is named
 GROUPS: dict[str, dict[str, tuple[str, str]]] = {
     "tokenizer": {"train": ("nanoseek.tokenizer", "TokenizerTrainConfig:train_tokenizer")},
     "data": {"prepare": ("nanoseek.data.prepare", "PrepareConfig:prepare")},
+    "distill": {"traces": ("nanoseek.distill.traces", "TracesConfig:traces")},
 }
 
 
@@ -118,15 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="nanoseek", description="The DeepSeek system, small.")
     _add_debug(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = {}
     for name, spec in COMMANDS.items():
         cls, fn = _load(spec)
-        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0])
+        p = commands[name] = sub.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0])
         add_dataclass_args(p, cls)
         _add_debug(p)
         p.set_defaults(_spec=spec)
     for group, cmds in GROUPS.items():
-        g = sub.add_parser(group, help=f"{group} commands").add_subparsers(
-            dest="sub", required=True, metavar="{" + ",".join(cmds) + "}")
+        top = commands.get(group) or sub.add_parser(group, help=f"{group} commands")
+        g = top.add_subparsers(dest="sub", required=group not in commands, metavar="{" + ",".join(cmds) + "}")
         for name, spec in cmds.items():
             cls, fn = _load(spec)
             p = g.add_parser(name, help=(fn.__doc__ or "").strip().split("\n")[0])

@@ -28,6 +28,8 @@ EVAL = ["eval", "--ckpt", "{ckpt}", "--task", "arithmetic"]
 GEN = ["generate", "--ckpt", "{ckpt}", "--prompt", "hi"]
 SERVE = ["serve", "--ckpt", "{ckpt}"]
 TOK = ["tokenizer", "train", "--out", "{out}"]
+DIST = ["distill", "--teacher", "{ckpt}", "--student", "dense-tiny", "--data", "builtin:sft-arith?n=4", "--out", "{out}"]
+TRACES = ["distill", "traces", "--teacher", "{ckpt}", "--task", "arithmetic", "--out", "{out}"]
 PREP = ["data", "prepare", "--data", "builtin:arith?n=4", "--tokenizer", "{ckpt}", "--out", "{out}"]
 
 # (argv, what the one stderr line must contain): {ckpt} a good checkpoint, {run} a finished run
@@ -215,6 +217,36 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["eval", "--ckpt", "{unfinished}", "--task", "arithmetic"], ["--ckpt {unfinished}", "no model/"]),
     (["eval", "--ckpt", "{missing}", "--task", "arithmetic"], ["--ckpt {missing}", "no such"]),
     (["eval", "--ckpt", "{ckpt}"], ["the following arguments are required: --task"]),
+    # ------------------------------------------------------------------ distill, distill traces
+    (["distill"], ["the following arguments are required: --out, --teacher, --student, --data"]),
+    ([*DIST, "--loss", "kd"], ["argument --loss: invalid choice: 'kd'", "reverse_kl"]),
+    ([*DIST, "--loss", "kl", "--beta", "0.5"], ["--beta 0.5", "--loss kl is β = 0", "--loss jsd"]),
+    ([*DIST, "--loss", "jsd", "--beta", "2"], ["--beta 2.0", "[0, 1]"]),
+    ([*DIST, "--loss", "sft", "--beta", "0.5"], ["--beta 0.5", "--loss sft has no divergence"]),
+    ([*DIST, "--lmbda", "0.5"], ["--lmbda 0.5", "--loss on_policy only"]),
+    ([*DIST, "--loss", "on_policy", "--lmbda", "1.5"], ["--lmbda 1.5", "[0, 1]"]),
+    ([*DIST, "--temperature", "0"], ["--temperature 0.0", "> 0"]),
+    ([*DIST, "--max-new-tokens", "300"], ["--max-new-tokens 300", "--seq-len 256"]),
+    ([*DIST, "--epochs", "0"], ["--epochs 0.0", "> 0"]),
+    ([*DIST, "--student", "nope"], ["--student nope", "neither a preset", "dense-small"]),
+    ([*DIST, "--student", "{file}"], ["--student {file}", "is a file"]),
+    ([*DIST, "--teacher", "{missing}"], ["--teacher {missing}", "no such checkpoint directory"]),
+    ([*DIST, "--data", "builtin:nope"], ["builtin:nope", "unknown built-in SFT set"]),
+    ([*DIST, "--data", "{missing}"], ["--data", "{missing}", "no such file"]),
+    ([*DIST, "--data", "{bad_jsonl}"], ["{bad_jsonl}:2", "not valid JSON"]),
+    (TRACES[:2] + TRACES[4:], ["exactly one of --teacher DIR or --teacher-url URL"]),
+    ([*TRACES, "--teacher-url", "http://127.0.0.1:9"], ["exactly one of --teacher DIR or --teacher-url URL"]),
+    (TRACES[:2] + ["--teacher-url", "ftp://x"] + TRACES[4:], ["--teacher-url 'ftp://x'", "http://"]),
+    ([*TRACES, "--k", "0"], ["--k 0", "≥ 1"]),
+    ([*TRACES, "--n", "0"], ["--n 0", "≥ 1"]),
+    ([*TRACES, "--temperature", "-1"], ["--temperature -1.0", "≥ 0"]),
+    ([*TRACES, "--top-p", "0"], ["--top-p 0.0", "(0, 1]"]),
+    ([*TRACES, "--task", "nope"], ["--task 'nope'", "arithmetic"]),
+    ([*TRACES, "--task-args", '{"digits": "x"}'], ["--task-args", "digits", "an integer"]),
+    ([*TRACES, "--device", "tpu9"], ["--device 'tpu9'", "cpu, cuda"]),
+    (["distill", "traces", "--teacher", "{missing}", "--task", "arithmetic", "--out", "{out}"],
+     ["--teacher {missing}", "no such checkpoint directory"]),
+    ([*TRACES[:-1], "{file}"], ["--out {file}", "is a file"]),
     # ------------------------------------------------------------------ generate, chat, serve
     (["generate", "--ckpt", "{ckpt}"], ["--prompt", "required"]),
     ([*GEN, "--max-tokens", "0"], ["--max-tokens 0", "≥ 1"]),
@@ -302,7 +334,7 @@ def test_bad_command_line_is_one_line_naming_the_flag(argv, expect, paths, tmp_p
 
 
 def test_the_table_covers_every_command():
-    used = {a[0] if a[0] not in cli.GROUPS else " ".join(a[:2]) for a, _ in ROWS}
+    used = {" ".join(a[:2]) if a[0] in cli.GROUPS and a[1:2] and a[1] in cli.GROUPS[a[0]] else a[0] for a, _ in ROWS}
     every = set(cli.COMMANDS) | {f"{g} {c}" for g, cmds in cli.GROUPS.items() for c in cmds}
     assert every <= used, every - used
     assert len(ROWS) >= 100

@@ -234,6 +234,18 @@ class PackedBatches:
         self.index = int(state["index"])
 
 
+def steps_for_epochs(cfg, n_rows: int):
+    """With --max-steps 0, the config with the steps --epochs take over `n_rows` packed rows
+    (the resolved config is what RUN/config.json records); otherwise `cfg` as it is."""
+    if cfg.max_steps:
+        return cfg
+    steps = max(1, math.ceil(cfg.epochs * max(1, n_rows // cfg.batch_size)))
+    if cfg.warmup_steps > steps:
+        raise ValueError(f"--warmup-steps {cfg.warmup_steps}: more than the {steps} steps --epochs {cfg.epochs} "
+                         f"gives ({n_rows} rows, --batch-size {cfg.batch_size}); lower it or give --max-steps")
+    return dataclasses.replace(cfg, max_steps=steps)
+
+
 # ---------------------------------------------------------------------- training
 def sft_loss(model, ids, tgt, pos, doc) -> torch.Tensor:
     """Mean cross-entropy over assistant tokens of a packed batch."""
@@ -263,12 +275,7 @@ def sft(cfg: SFTConfig, on_step=None) -> Path:
     convs = load_conversations(cfg.data)
     rows = pack(tokenize(convs, tok, cfg.seq_len), cfg.seq_len, tok.pad_id, cfg.pack)
     n_tok = sum(sum(t != -100 for t in r[1]) for r in rows)
-    if not cfg.max_steps:  # the resolved config (what config.json records) names the steps
-        steps = max(1, math.ceil(cfg.epochs * max(1, len(rows) // cfg.batch_size)))
-        if cfg.warmup_steps > steps:
-            raise ValueError(f"--warmup-steps {cfg.warmup_steps}: more than the {steps} steps --epochs {cfg.epochs} "
-                             f"gives ({len(rows)} rows, --batch-size {cfg.batch_size}); lower it or give --max-steps")
-        cfg = dataclasses.replace(cfg, max_steps=steps)
+    cfg = steps_for_epochs(cfg, len(rows))
     rt = start_run(cfg)
     model = load_pretrained(ckpt, device=rt.device)
     if rt.is_main:
