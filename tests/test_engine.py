@@ -271,3 +271,15 @@ def test_fast_decode_path_matches_the_model(overrides):
     outs = Engine(m, block_size=4, max_batch_tokens=12).generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
     for p, o in zip(prompts, outs):
         assert o.token_ids == m.generate(torch.tensor([p]), 10)[0, len(p):].tolist()
+
+
+def test_long_prompt_attends_in_query_blocks(tiny, monkeypatch):
+    """A prefill whose score tensor is over the limit attends in blocks of queries, each against
+    the keys up to its own last row: the model's own greedy tokens, beside a decoding request."""
+    from nanoseek.engine.paged_mla import AttnGroup
+
+    monkeypatch.setattr(AttnGroup, "max_scores", 4 * 4 * 64)  # B·H·S·t: a few query rows per block
+    prompts = prompts_of([150, 9], seed=17)
+    outs = Engine(tiny, block_size=8).generate(prompts, SamplingParams(max_tokens=8, **GREEDY))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == tiny.generate(torch.tensor([p]), 8)[0, len(p):].tolist()

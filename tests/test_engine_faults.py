@@ -68,14 +68,14 @@ def _poison_sample(monkeypatch, seed=666):
 
 
 def _poison_forward(monkeypatch, eng, token):
-    real = eng._fast.hidden
+    real = eng.paged.hidden
 
     def hidden(ids, *a, **kw):
         if (ids == token).any():
             raise RuntimeError("poisoned forward")
         return real(ids, *a, **kw)
 
-    monkeypatch.setattr(eng._fast, "hidden", hidden)
+    monkeypatch.setattr(eng.paged, "hidden", hidden)
 
 
 @pytest.mark.parametrize("where", ["sample", "forward"])

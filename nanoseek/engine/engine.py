@@ -1,18 +1,14 @@
 """The inference engine: continuous batching over a paged latent cache, with prefix caching.
 
-One `step()` = plan (scheduler) → one batched forward (FastDecoder, nanoseek/engine/fast.py) →
-sample → detokenise:
+One `step()` = plan (scheduler) → one batched forward (`PagedMLA`, nanoseek/engine/paged_mla.py)
+→ sample → detokenise:
 
-* every decode row (one new token) and every prefill chunk of the step go through one forward
-  over their flat real tokens — projections, norms and the MoE never see padding;
+* every decode row (one new token) and every prefill chunk of the step, however long, go through
+  one forward over their flat real tokens — projections, norms and the MoE never see padding;
 * attention is *absorbed* MLA: each row's queries score, in latent space, its sequence's blocks,
   gathered into a padded (B, S, rank + rope) latent tensor per group of rows of similar length
   (REFERENCE §4); prefill chunks attend to their own new tokens and to whatever earlier blocks
-  the prefix cache or earlier chunks already hold;
-* a prefill group whose padded scores would be large (long prompts) instead runs the model's own
-  *expanded* path (compute-friendly, blocked), grouped by length, with per-row positions for
-  RoPE and a boolean (B, 1, T, S) mask; its padded tokens write their latents to the scratch
-  block 0, so padding never touches a live request.
+  the prefix cache or earlier chunks already hold, a long one in blocks of queries.
 """
 
 from __future__ import annotations
@@ -26,8 +22,8 @@ from typing import Iterator
 import torch
 
 from .detok import Detokenizer, token_bytes_table
-from .fast import AttnGroup, FastDecoder
-from .kv_cache import BlockManager, PagedLatentCache, StepCache
+from .kv_cache import BlockManager, PagedLatentCache
+from .paged_mla import AttnGroup, PagedMLA
 from .sampling import SamplerState, SamplingParams, TokenLogprob, sample
 from .scheduler import Batch, Request, Scheduler
 
@@ -98,6 +94,17 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+@dataclass(eq=False)
+class Piece:
+    """Tokens of one request that a step's forward computes: ids at positions start…; row0 is
+    where its first row lands in the flat batch."""
+
+    r: Request
+    start: int
+    ids: list[int]
+    row0: int = 0
+
+
 class Engine:
     def __init__(self, model_or_path, tokenizer=None, *, device=None, dtype=None, max_num_seqs: int = 64,
                  max_batch_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
@@ -145,8 +152,7 @@ class Engine:
         self._live: dict[str, Request] = {}
         self._outputs: dict[str, RequestOutput] = {}
         self._aborted: list[StreamEvent] = []
-        self._arange_bs = torch.arange(block_size, device=self.device)
-        self._fast = FastDecoder(model)
+        self.paged = PagedMLA(model)
         self.prefill_tokens = 0  # prompt tokens computed (prefix-cache hits and copied chunks excluded)
         self.decode_waste = 1.5  # decode rows share one attention call while padding ≤ 50%
         self.prefill_waste = 1.25  # prefill chunks share one forward while padding ≤ 25%
@@ -182,7 +188,7 @@ class Engine:
         path keeps pre-folded copies of the attention weights. Cached prefixes are dropped too —
         their latents came from the old weights (so, like `reset_prefix_cache`, it needs an idle engine)."""
         self.reset_prefix_cache()
-        self._fast = FastDecoder(self.model)
+        self.paged = PagedMLA(self.model)
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
@@ -309,34 +315,22 @@ class Engine:
         after all of its batch's computation has succeeded (latents written to not-yet-computed
         positions are simply written again on a re-run)."""
         events: list[StreamEvent] = []
-        rows: list[torch.Tensor] = []
-        ready: list[Request] = []
         unique, copies = self._dedupe(batch.prefill)
-        groups = self._pad_groups(unique, self.prefill_waste)
-        fits = [self._fast_fits(g) for g in groups]
-        fast = [g for g, f in zip(groups, fits) if f]
-        if batch.decode or fast:  # decode rows and (small enough) prefill chunks in one forward
-            h, got = self._fast_forward(batch.decode, fast)
-            rows.append(h)
-            ready += got
-        for group in [g for g, f in zip(groups, fits) if not f]:  # long prompts: the expanded path
-            reqs = [r for r, _ in group]
-            done = [r.remaining == n for r, n in group]  # chunk reaches the end of the prompt: sample
-            h = self._forward(reqs, [n for _, n in group])
-            if any(done):
-                rows.append(h[torch.tensor(done, device=self.device)])
-                ready += [r for r, d in zip(reqs, done) if d]
-        h = torch.cat(rows) if len(rows) > 1 else (rows[0] if rows else None)
+        pieces = [Piece(r, r.num_computed, r.all_ids[r.num_computed:r.num_computed + 1]) for r in batch.decode]
+        pieces += [Piece(r, r.num_computed, r.all_ids[r.num_computed:r.num_computed + n]) for r, n in unique]
+        h = self._forward(pieces) if pieces else None
+        ready = [p.r for p in pieces if p.r.remaining == len(p.ids)]  # reaches the end of what is known: sample
+        rows = [p.row0 + len(p.ids) - 1 for p in pieces if p.r.remaining == len(p.ids)]
         if copies:  # identical chunks: their latents copied, their next token read from the same row
             self._copy_latents(copies)
-            at = {id(r): i for i, r in enumerate(ready)}
+            at = {id(r): i for r, i in zip(ready, rows)}
             twins = [(r, at[id(src)]) for r, _, src in copies if id(src) in at]
-            if twins:
-                h = torch.cat((h, h[[i for _, i in twins]]))
-                ready += [r for r, _ in twins]
+            ready += [r for r, _ in twins]
+            rows += [i for _, i in twins]
         tokens, lps = [], []
         if ready:
-            tokens, lps = sample(self._fast.logits(h), [r.sampler for r in ready])
+            hs = h if rows == list(range(h.shape[0])) else h.index_select(0, torch.tensor(rows, device=self.device))
+            tokens, lps = sample(self.paged.logits(hs), [r.sampler for r in ready])
         self.prefill_tokens += sum(n for _, n in unique)
         for r, n in [(r, 1) for r in batch.decode] + batch.prefill:
             r.num_computed += n
@@ -410,69 +404,34 @@ class Engine:
                 total = n
         return groups
 
-    def _fast_fits(self, group: list[tuple[Request, int]]) -> bool:
-        """Whether a prefill group's padded (B, T·H, S) attention scores are small enough for the
-        fast (absorbed, unblocked) path; longer prompts take the model's own expanded path."""
-        T = max(n for _, n in group)
-        S = max(r.num_computed + n for r, n in group)
-        return len(group) * T * S * self.config.num_attention_heads <= 1 << 24
-
-    def _fast_forward(self, decode: list[Request], groups: list[list[tuple[Request, int]]]
-                      ) -> tuple[torch.Tensor, list[Request]]:
-        """One FastDecoder forward over every decode row (one token each) and prefill chunk,
-        flattened to their real tokens → (hidden states of the rows to sample, their requests)."""
+    def _forward(self, pieces: list["Piece"]) -> torch.Tensor:
+        """One PagedMLA forward over every piece's tokens, flattened → their hidden states (N, D);
+        each piece's first row is set in `piece.row0`. Single-token rows attend in groups of
+        similar cache length, longer pieces in groups of similar length (padding is wasted gather
+        and matmul)."""
         dev, bs = self.device, self.block_size
+        one = [p for p in pieces if len(p.ids) == 1]
+        more = [p for p in pieces if len(p.ids) > 1]
+        groups = (self._pad_groups(one, self.decode_waste, lambda p: p.start)
+                  + self._pad_groups(more, self.prefill_waste, lambda p: len(p.ids)))
         ids: list[int] = []
         pos: list[int] = []
         write: list[int] = []
         attn: list[AttnGroup] = []
-        pick: list[int] = []
-        ready: list[Request] = []
-        # decode rows attend in groups of similar cache length (padding is wasted gather + matmul)
-        rows = self._pad_groups(decode, self.decode_waste, lambda r: r.num_computed)
-        for chunks in [[(r, 1) for r in g] for g in rows] + groups:
-            lens = [n for _, n in chunks]
-            starts = [r.num_computed for r, _ in chunks]
+        for g in groups:
+            lens = [len(p.ids) for p in g]
+            starts = [p.start for p in g]
             nb = -(-max(s + n for s, n in zip(starts, lens)) // bs)
-            table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r, _ in chunks], device=dev)
+            table = torch.tensor([(p.r.blocks + [0] * nb)[:nb] for p in g], device=dev)
             attn.append(AttnGroup(len(ids), lens, starts, table))
-            for (r, n), s in zip(chunks, starts):
-                blk = r.blocks
-                ids += r.all_ids[s:s + n]
-                pos += range(s, s + n)
-                write += [blk[p // bs] * bs + p % bs for p in range(s, s + n)]
-                if r.remaining == n:  # the chunk reaches the end of what is known: sample after it
-                    pick.append(len(ids) - 1)
-                    ready.append(r)
-        h = self._fast.hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache.kv,
-                              torch.tensor(write, device=dev), attn, bs)
-        if len(pick) < len(ids):
-            h = h.index_select(0, torch.tensor(pick, dtype=torch.long, device=dev))
-        return h, ready
-
-    def _forward(self, reqs: list[Request], lens: list[int]) -> torch.Tensor:
-        """One batched forward (the model's own, expanded attention) of `lens[i]` new tokens for each
-        request → each row's last hidden state."""
-        dev, bs = self.device, self.block_size
-        B, T = len(reqs), max(lens)
-        starts = [r.num_computed for r in reqs]
-        S = max(s + n for s, n in zip(starts, lens))
-        nb = -(-S // bs)
-        table = torch.tensor([(r.blocks + [0] * nb)[:nb] for r in reqs], device=dev)
-        slots = (table[:, :, None] * bs + self._arange_bs).view(B, -1)[:, :S]  # (B, S): where each position lives
-        start = torch.tensor(starts, device=dev)[:, None]
-        ids = torch.tensor([(r.all_ids[s:s + n] + [0] * T)[:T] for r, s, n in zip(reqs, starts, lens)], device=dev)
-        t = torch.arange(T, device=dev)[None]
-        valid = t < torch.tensor(lens, device=dev)[:, None]
-        pos = torch.where(valid, start + t, 0)
-        write = torch.where(valid, slots.gather(1, pos), 0)  # padding → scratch slot 0
-        cols = torch.arange(S, device=dev)[None, None]
-        # real rows: causal over the sequence's own positions; padded rows: column 0 only (no NaN rows)
-        mask = torch.where(valid[..., None], cols <= pos[..., None], cols == 0)[:, None]
-        h = self.model.hidden_states(ids, positions=pos, cache=StepCache(self.cache, write, slots), mask=mask,
-                                     absorb=False)
-        last = torch.tensor(lens, device=dev) - 1
-        return h[torch.arange(B, device=dev), last]
+            for p in g:
+                blk = p.r.blocks
+                p.row0 = len(ids)
+                ids += p.ids
+                pos += range(p.start, p.start + len(p.ids))
+                write += [blk[q // bs] * bs + q % bs for q in range(p.start, p.start + len(p.ids))]
+        return self.paged.hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache.kv,
+                                 torch.tensor(write, device=dev), attn, bs)
 
     # ------------------------------------------------------------------ conveniences
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

@@ -51,25 +51,6 @@ class PagedLatentCache:
         return (self.num_blocks - 1) * self.block_size  # block 0 is scratch
 
 
-class StepCache:
-    """The `cache` object one batched forward sees: `update(layer, c_kv, k_pe)` writes the new
-    latents into their slots and returns every latent the batch attends to, gathered from the
-    sequences' blocks into a padded (B, S, ·) tensor (the attention mask hides the padding)."""
-
-    def __init__(self, cache: PagedLatentCache, write_slots: torch.Tensor, read_slots: torch.Tensor):
-        self.cache = cache
-        self.write_slots = write_slots.reshape(-1)  # (B·T,)
-        self.read_slots = read_slots  # (B, S)
-
-    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
-        kv = self.cache.kv[layer]
-        new = torch.cat((c_kv, k_pe), dim=-1).reshape(-1, kv.shape[-1]).to(kv.dtype)
-        kv.index_copy_(0, self.write_slots, new)
-        B, S = self.read_slots.shape
-        got = kv.index_select(0, self.read_slots.reshape(-1)).view(B, S, -1)  # (B, S, r + dr); faster than kv[slots]
-        return got[..., : self.cache.rank], got[..., self.cache.rank:]
-
-
 class BlockManager:
     """Hands out blocks; ref-counts them; remembers full blocks by content for reuse.
 

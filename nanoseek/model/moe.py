@@ -32,13 +32,21 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) → weights (N, k) fp32, expert ids (N, k), scores (N, E) fp32 (unbiased)."""
+        return self.route(F.linear(x.float(), self.weight.float()))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits u_tᵀe_i (N, E) fp32 → the gate values g_i,t (N, k) of the chosen experts
+        (N, k), and the unbiased affinities s (N, E). The engine calls this on logits it computes
+        with the input norm's gain folded into the weight."""
         c = self.cfg
-        s = self.scores(F.linear(x.float(), self.weight.float()))
+        s = self.scores(logits)
         idx = self.select(s)
         w = s.gather(1, idx)  # g'_i from the *unbiased* scores
         if c.norm_topk_prob and c.num_experts_per_tok > 1:
-            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * c.routed_scaling_factor, idx, s
+            # g_i = g'_i / Σ_j g'_j (eq. 13); the floor only guards 0/0 (a clamp: + ε would cost the
+            # engine's one-token step a scalar tensor, and equals the clamp for any sum above ~1e-13)
+            w = w / w.sum(dim=-1, keepdim=True).clamp_min_(1e-20)
+        return (w * c.routed_scaling_factor if c.routed_scaling_factor != 1.0 else w), idx, s
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Router logits u_tᵀe_i (N, E) fp32 → affinities s_i,t."""
@@ -48,7 +56,7 @@ class Router(nn.Module):
 
     def select(self, s: torch.Tensor) -> torch.Tensor:
         """Affinities (N, E) → the chosen experts (N, k): top-k of s + b_i (eq. 16) within the
-        best `topk_group` groups. Shared by the engine's decode path, which scores on its own."""
+        best `topk_group` groups."""
         c = self.cfg
         choice = s + self.e_score_correction_bias if hasattr(self, "e_score_correction_bias") else s
         if c.topk_method in ("noaux_tc", "group_limited_greedy") and c.n_group > 1:
