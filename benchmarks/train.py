@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                    help="both models under torch.autocast of this dtype (default bfloat16: ~1.4x faster than fp32 on an AVX512-BF16/AMX CPU; `nanoseek pretrain --dtype auto` is fp32 on CPU)")
+                    help="both models under torch.autocast of this dtype (default bfloat16; `nanoseek pretrain --dtype auto` is fp32 on CPU; docs/benchmarks.md has both)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import transformers

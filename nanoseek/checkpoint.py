@@ -35,7 +35,7 @@ _EXPERT = re.compile(r"^(layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_pro
 
 # ---------------------------------------------------------------------- name mapping
 def to_hf_state_dict(model: DeepSeekV3) -> dict[str, torch.Tensor]:
-    """nanoseek state dict → on-disk names (REFERENCE §2)."""
+    """nanoseek state dict → on-disk names (docs/deepseek.md, weight names)."""
     cfg = model.config
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():

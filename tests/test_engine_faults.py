@@ -1,4 +1,4 @@
-"""The engine under bad luck: seeds whose hash used to be degenerate, and one request that fails.
+"""The engine under bad luck: seeds whose hash could be degenerate, and one request that fails.
 
 The model is the scripted checkpoint (nanoseek.serve.testing): after ``<|assistant|>`` its next
 token is known to be ``<think>`` (a margin of ``scale`` logits), so a hot temperature turns it into

@@ -7,7 +7,7 @@ One `step()` = plan (scheduler) → one batched forward (`PagedMLA`, nanoseek/en
   one forward over their flat real tokens — projections, norms and the MoE never see padding;
 * attention is *absorbed* MLA: each row's queries score, in latent space, its sequence's blocks,
   gathered into a padded (B, S, rank + rope) latent tensor per group of rows of similar length
-  (REFERENCE §4); prefill chunks attend to their own new tokens and to whatever earlier blocks
+  (docs/deepseek.md, MLA); prefill chunks attend to their own new tokens and to whatever earlier blocks
   the prefix cache or earlier chunks already hold, a long one in blocks of queries.
 """
 

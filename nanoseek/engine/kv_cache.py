@@ -1,7 +1,7 @@
 """The paged latent KV cache and its block manager (with the prefix cache).
 
 What is stored: per layer and per token, the normalised latent c_kv [kv_lora_rank] and the
-rotated rope key k_pe [qk_rope_head_dim] — nothing else (REFERENCE §4). Both live side by side in
+rotated rope key k_pe [qk_rope_head_dim] — nothing else (docs/deepseek.md, MLA). Both live side by side in
 one tensor `kv` of shape (layers, num_blocks · block_size, rank + rope_dim), allocated once, so
 that a write is one `index_copy_` and a read is one gather per layer.
 

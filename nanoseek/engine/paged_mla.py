@@ -3,10 +3,10 @@
 Every token a step computes — decode rows, draft-verification rows, prefill chunks of any length,
 and the multi-token-prediction modules' drafts — goes through this one functional twin of
 `DeepSeekV3.hidden_states`, over the flat real tokens of the step. It reads and writes only the
-paged cache's latents [c_kv ; k_pe] (REFERENCE §4), and cuts the ops without changing the math:
+paged cache's latents [c_kv ; k_pe] (docs/deepseek.md, MLA), and cuts the ops without changing the math:
 
 * W_UK is folded into the query up-projection once (q_abs = h·(W_UK^T W_Q,nope)^T), and W_UV into
-  o_proj (W_O W_UV) — REFERENCE §4's absorption, done at load time instead of every step;
+  o_proj (W_O W_UV) — MLA's absorption (docs/deepseek.md), done at load time instead of every step;
 * every RMSNorm whose output only feeds matmuls has its gain (and √d) folded into those matmuls
   (W·(g ⊙ x̂) = (W·diag g)·x̂): the input norms, q's norm, the router, the experts, the lm_head,
   and an MTP module's two input norms and its head norm; what is left of a norm is one vecdot

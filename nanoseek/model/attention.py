@@ -160,7 +160,7 @@ class MLA(nn.Module):
         return out.transpose(1, 2).reshape(B, q.shape[2], self.n_heads * self.dv)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention computed in latent space (REFERENCE §4); `mask` None means causal with the
+        """Attention computed in latent space (docs/deepseek.md, MLA); `mask` None means causal with the
         T queries at the last T of the S cached positions."""
         B, H, T, _ = q_nope.shape
         S = c_kv.shape[1]

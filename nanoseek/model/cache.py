@@ -1,7 +1,7 @@
 """A contiguous latent KV cache for one batch: the simplest thing absorbed decoding needs.
 
 Per layer and token it stores the normalised latent c_kv and the rotated rope key k_pe — nothing
-else (REFERENCE §4). The engine uses a paged version of the same idea; this one backs
+else (docs/deepseek.md, MLA). The engine uses a paged version of the same idea; this one backs
 `DeepSeekV3.generate` and the tests that check the absorbed path against the expanded one.
 """
 

@@ -109,9 +109,9 @@ class Experts(nn.Module):
     def row_multiple(x: torch.Tensor) -> int:
         """Pad each expert's rows to a multiple of this (0 = no padding). bf16 GEMMs on CPU go
         through oneDNN, which builds a kernel for every new shape: with routing, every step brings
-        new row counts, and a fresh batch trained at 310 ms/step against 215 for a repeated one
-        (small preset, batch 8 × 256). Rounded to 64 rows, the shapes repeat and are cached; the
-        padding rows carry gate weight 0, so they add exact zeros."""
+        new row counts and pays for new kernels (docs/benchmarks.md, Train). Rounded to 64 rows,
+        the shapes repeat and are cached; the padding rows carry gate weight 0, so they add exact
+        zeros."""
         cpu_bf16 = x.dtype == torch.bfloat16 or torch.is_autocast_enabled("cpu")
         return 64 if x.device.type == "cpu" and cpu_bf16 else 0
 

@@ -1,6 +1,6 @@
 """`nanoseek serve`: an OpenAI/DeepSeek-compatible HTTP API (and the web chat page) on the engine.
 
-What a client of api.deepseek.com expects is the contract (REFERENCE §9): the same routes, the
+What a client of api.deepseek.com expects is the contract (docs/deepseek.md, the API): the same routes, the
 same request fields, ``reasoning_content`` beside ``content``, usage with prompt-cache hits and
 misses, OpenAI-shaped errors, ``: keep-alive`` comments while a stream waits. Point the official
 ``openai`` client at ``http://127.0.0.1:8000/v1`` and it works unchanged.

@@ -1,4 +1,4 @@
-"""Request and response bodies of the OpenAI/DeepSeek chat API (REFERENCE §9), as pydantic models.
+"""Request and response bodies of the OpenAI/DeepSeek chat API (docs/deepseek.md, the API), as pydantic models.
 
 Why pydantic and why these exact names: clients (the official ``openai`` package, LangChain,
 curl scripts written against api.deepseek.com) send these fields and read these fields, so the
@@ -36,7 +36,7 @@ class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
-    # Present only to be rejected with a 400 that says why (REFERENCE §9): a client that sends
+    # Present only to be rejected with a 400 that says why (docs/deepseek.md, the API): a client that sends
     # back the previous turn's reasoning would otherwise silently grow every prompt.
     reasoning_content: str | None = None
     prefix: bool | None = None  # chat prefix completion (beta): last assistant message continues

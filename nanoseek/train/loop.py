@@ -81,8 +81,8 @@ class TrainConfig:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step on each rank"})
     router_gamma: float = field(default=0.001, metadata={"help": "γ of the aux-loss-free router-bias update after each step; 0 = off"})
     balance_alpha: float = field(default=1e-4, metadata={"help": "α of the sequence-wise balance loss; 0 = off"})
-    dtype: str = field(default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (bfloat16 is ~1.4x "
-                                                 "faster on AVX512-BF16/AMX CPUs)", "choices": ["auto", "float32", "bfloat16"]})
+    dtype: str = field(default="auto", metadata={"help": "autocast dtype; auto = bfloat16 on CUDA, float32 on CPU (docs/pretraining.md "
+                                                 "says why bfloat16 is not the CPU default)", "choices": ["auto", "float32", "bfloat16"]})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch; 0 = torch's default. On a CPU shared with "
                                                        "other jobs, 1 avoids OpenMP spin-wait contention"})

@@ -59,11 +59,10 @@ def init_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) ->
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """None = plain fp32. `auto` picks bf16 on CUDA and fp32 on CPU.
 
-    On a CPU with native bf16 (AVX512-BF16, AMX) `--dtype bfloat16` trains ~1.4× faster (the
-    small preset, fresh batches: 499 vs 713 ms per fwd+bwd; docs/benchmarks.md), but it is not the default there:
-    the demo's bf16-pretrained bases, though as good on the pretraining eval (48–71% vs 54.5–92%),
-    came out of the cold-start SFT at 0.5–7.5% on 3-digit addition against 30.5–36% for fp32
-    ones (docs/pretraining.md) — the digit-copying lookups seem to need the fp32 precision."""
+    On a CPU with native bf16 (AVX512-BF16, AMX) `--dtype bfloat16` trains faster
+    (docs/benchmarks.md), but it is not the default there: bf16-pretrained bases came out of the
+    cold-start SFT far worse at 3-digit addition than fp32 ones (docs/pretraining.md) — the
+    digit-copying lookups seem to need the fp32 precision."""
     if name == "float32" or (name == "auto" and device.type != "cuda"):
         return None
     return torch.bfloat16
