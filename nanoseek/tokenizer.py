@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -261,11 +261,12 @@ class Tokenizer:
 class TokenizerTrainConfig:
     """`nanoseek tokenizer train`: learn a BPE vocabulary from a data spec."""
 
-    data: str  # file, folder, glob or builtin:NAME (see nanoseek.data.sources)
-    out: str  # directory to write tokenizer.json + tokenizer_config.json
-    vocab_size: int = 4096
-    max_docs: int | None = None  # train on the first N documents only
-    text_field: str = "text"  # jsonl/parquet column holding the text
+    data: str = field(metadata={"help": "a .txt/.jsonl/.parquet file, a folder, a glob or builtin:NAME[?n=&seed=]"})
+    out: str = field(metadata={"help": "directory to write tokenizer.json + tokenizer_config.json"})
+    vocab_size: int = field(default=4096, metadata={"help": "vocabulary size at most (special tokens and bytes "
+                                                    "included); a small corpus may yield fewer merges"})
+    max_docs: int | None = field(default=None, metadata={"help": "train on the first N documents only"})
+    text_field: str = field(default="text", metadata={"help": "jsonl/parquet column holding the text"})
 
     def __post_init__(self) -> None:
         """Bad values are one line naming the flag, before any document is read."""

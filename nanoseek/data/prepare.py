@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from itertools import chain, islice
 from pathlib import Path
 
@@ -39,30 +39,35 @@ from nanoseek.data.sources import iter_documents
 class PrepareConfig:
     """`nanoseek data prepare`: clean, deduplicate and tokenize a corpus."""
 
-    data: str  # file, folder, glob or builtin:NAME
-    tokenizer: str  # tokenizer directory (tokenizer.json)
-    out: str  # output directory for shards + report.json
-    text_field: str = "text"
-    max_docs: int | None = None  # read at most this many input documents
-    normalize: str = "NFC"  # NFC | NFKC | none
+    data: str = field(metadata={"help": "a .txt/.jsonl/.parquet file, a folder, a glob or builtin:NAME[?n=&seed=]"})
+    tokenizer: str = field(metadata={"help": "tokenizer directory (tokenizer.json), e.g. from `nanoseek tokenizer train`"})
+    out: str = field(metadata={"help": "output directory: token shards, index.json, report.json, config.json, clean.jsonl"})
+    text_field: str = field(default="text", metadata={"help": "jsonl/parquet column holding the text"})
+    max_docs: int | None = field(default=None, metadata={"help": "read at most this many input documents"})
+    normalize: str = field(default="NFC", metadata={"help": "Unicode normal form: NFC | NFKC | none"})
     # quality rules (None switches a rule off; see nanoseek.data.clean)
-    min_chars: int | None = QualityConfig.min_chars
-    max_chars: int | None = QualityConfig.max_chars
-    min_alpha_ratio: float | None = QualityConfig.min_alpha_ratio
-    max_symbol_ratio: float | None = QualityConfig.max_symbol_ratio
-    max_dup_line_fraction: float | None = QualityConfig.max_dup_line_fraction
-    max_dup_ngram_fraction: float | None = QualityConfig.max_dup_ngram_fraction
-    exact_dedup: bool = True
-    near_dedup: bool = True
-    near_dup_threshold: float = 0.8  # estimated Jaccard of word 5-gram shingles
-    num_perm: int = 128  # MinHash permutations
-    shingle_words: int = 5
-    workers: int = 2  # tokenizer processes; 0 tokenizes in this process
-    chunk_docs: int = 256  # documents per task sent to a worker
-    shard_tokens: int = 1 << 26  # start a new shard beyond this many tokens
-    write_clean: bool = True  # also write the kept documents to clean.jsonl
-    overwrite: bool = False  # replace an existing, non-empty out directory
-    progress: bool = True
+    min_chars: int | None = field(default=QualityConfig.min_chars, metadata={"help": "drop shorter documents"})
+    max_chars: int | None = field(default=QualityConfig.max_chars, metadata={"help": "drop longer documents"})
+    min_alpha_ratio: float | None = field(default=QualityConfig.min_alpha_ratio, metadata={
+        "help": "drop documents whose share of letters and digits is below this"})
+    max_symbol_ratio: float | None = field(default=QualityConfig.max_symbol_ratio, metadata={
+        "help": "drop documents whose share of words with no letter or digit is above this"})
+    max_dup_line_fraction: float | None = field(default=QualityConfig.max_dup_line_fraction, metadata={
+        "help": "drop documents with more repeated lines than this fraction"})
+    max_dup_ngram_fraction: float | None = field(default=QualityConfig.max_dup_ngram_fraction, metadata={
+        "help": "drop documents with more repeated word n-grams than this fraction"})
+    exact_dedup: bool = field(default=True, metadata={"help": "drop exact duplicates (after normalisation)"})
+    near_dedup: bool = field(default=True, metadata={"help": "drop near-duplicates (MinHash LSH)"})
+    near_dup_threshold: float = field(default=0.8, metadata={"help": "estimated Jaccard of word shingles at which "
+                                                             "a document is a near-duplicate"})
+    num_perm: int = field(default=128, metadata={"help": "MinHash permutations"})
+    shingle_words: int = field(default=5, metadata={"help": "words per shingle"})
+    workers: int = field(default=2, metadata={"help": "tokenizer processes; 0 tokenizes in this process"})
+    chunk_docs: int = field(default=256, metadata={"help": "documents per task sent to a worker"})
+    shard_tokens: int = field(default=1 << 26, metadata={"help": "start a new shard beyond this many tokens"})
+    write_clean: bool = field(default=True, metadata={"help": "also write the kept documents to clean.jsonl"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing, non-empty --out directory"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar and print the report"})
 
     def __post_init__(self) -> None:
         """Bad values are one line naming the flag and its range, before anything is read."""
