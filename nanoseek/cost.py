@@ -163,9 +163,9 @@ def measure_serving(mc: ModelConfig, batch: int = 32, prompt_len: int = 128, new
     return {"prefill": batch * prompt_len / timed(prompt_len, 1), "decode": batch * new_tokens / timed(8, new_tokens)}
 
 
-def machine(threads: int | None = None) -> dict:
-    """What runs here: CPU, cores, torch threads, torch, the GPU, and (without one) the CPU's
-    matmul peaks at those threads."""
+def machine(threads: int | None = None, probe: bool = True) -> dict:
+    """What runs here: CPU, cores, torch threads, torch, the GPU, and (without one, when `probe`)
+    the CPU's matmul peaks at those threads."""
     import os
     import platform
 
@@ -184,7 +184,7 @@ def machine(threads: int | None = None) -> dict:
         m = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__}
         if torch.cuda.is_available():
             m["gpu"] = torch.cuda.get_device_name()
-        else:
+        elif probe:
             m["peak_flops"] = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     finally:
         torch.set_num_threads(before)

@@ -192,11 +192,11 @@ def flops_per_token(st: Stage, c, seq: int) -> tuple[float, str]:
 
 @functools.lru_cache(maxsize=None)
 def this_machine(threads: int) -> dict:
-    """The machine building the card, probed at `threads`: what a run that recorded none is
-    assumed to have run on."""
+    """The machine building the card: what a run that recorded none is said to have run on. Not
+    probed: a peak measured now, under today's load, says nothing of the run's MFU."""
     from .cost import machine
 
-    return machine(threads)
+    return machine(threads, probe=False)
 
 
 def analyse(st: Stage, price_per_hour: float) -> Stage:
@@ -265,6 +265,9 @@ def analyse(st: Stage, price_per_hour: float) -> Stage:
             fig["mfu"] = train[-1]["tokens"] / s * flops / (peak * procs)
             rows.append(("MFU", f"{fig['mfu']:.2%} of the {peak_what} ({peak / 1e9:,.0f} GFLOP/s), at "
                          f"{human(flops)} FLOPs per token: {what}"))
+        else:
+            rows.append(("MFU", f"not measured: {peak_what if recorded else 'the run recorded no machine.json'} "
+                         f"({human(flops)} FLOPs per token: {what})"))
         unit = "GPU-hours" if m.get("gpu") else "CPU-hours"
         rows.append(("cost", f"{hours:.3g} {unit}, {usd(hours * price_per_hour)} at ${price_per_hour:.2f}/hour"))
     return st
