@@ -283,6 +283,8 @@ def _tokens(cfg: CostConfig, mc: ModelConfig) -> tuple[dict[str, float], int]:
         raise ValueError(f"--pretrain-tokens: {f'--preset {cfg.preset}' if cfg.preset else cfg.ckpt} has no recipe "
                          f"({', '.join(RECIPES)} do); give the token counts")
     seq = cfg.seq_len or int(recipe.get("seq_len", min(4096, mc.max_position_embeddings)))
+    if seq > mc.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq}: exceeds the model's context ({mc.max_position_embeddings})")
     return tokens, seq
 
 

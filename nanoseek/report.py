@@ -123,11 +123,20 @@ def read_stage(run: str | Path) -> Stage:
             return Stage(run, "tokenizer")
         if not (run / "metrics.jsonl").is_file():
             raise ValueError(f"{run}: not a run directory (no config.json or metrics.jsonl)")
-    config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    def load(name: str, default):
+        path = run / name
+        try:
+            return json.loads(path.read_text()) if path.is_file() else default
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+    config = load("config.json", {})
     kind, defaults = _command_of(run, config) if config else (run.name, {})
-    evals = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
-    machine = json.loads((run / MACHINE).read_text()) if (run / MACHINE).is_file() else None
-    return Stage(run, kind, config, defaults, read_metrics(run), evals, machine)
+    try:
+        records = read_metrics(run)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{run / 'metrics.jsonl'}: a line is not valid JSON ({e})") from None
+    return Stage(run, kind, config, defaults, records, load("eval.json", {}), load(MACHINE, None))
 
 
 def command_line(st: Stage) -> str:

@@ -100,3 +100,8 @@ def test_report_rebuilds_one_stage_and_refuses_what_is_not_a_run(pipeline, tmp_p
     assert "holds no stage run directories" in capsys.readouterr().err
     assert cli.main(["report", str(tmp_path / "nope")]) == 2
     assert "RUN" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    assert cli.main(["report", str(bad)]) == 2
+    assert f"{bad / 'config.json'}: not valid JSON" in capsys.readouterr().err
