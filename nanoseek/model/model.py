@@ -112,17 +112,8 @@ class DeepSeekV3(nn.Module):
         loss = lm_loss
         mtp_loss = None
         if self.mtp and mtp_weight:
-            # L_MTP = λ/D · Σ_k CE_k (eq. 25): module k sees h^{k-1}_i and Emb(t_{i+k}), predicts t_{i+k+1}
-            losses, hk = [], h
-            for k, module in enumerate(self.mtp, start=1):
-                if input_ids.shape[1] <= k:
-                    break
-                hk = module(hk[:, :-1], input_ids[:, k:], self.embed_tokens, self.rotary)
-                lk = module.shared_head_logits(hk, self.lm_head)
-                losses.append(F.cross_entropy(lk.flatten(0, 1).float(), targets[:, k:].flatten(),
-                                              ignore_index=ignore_index))
-            if losses:
-                mtp_loss = torch.stack(losses).mean()
+            mtp_loss = self.mtp_loss(h, input_ids, targets, positions, mask, ignore_index)
+            if mtp_loss is not None:
                 loss = loss + mtp_weight * mtp_loss
         balance = None
         ran = list(self.layers) + ([m.block for m in self.mtp] if mtp_loss is not None else [])
@@ -132,6 +123,31 @@ class DeepSeekV3(nn.Module):
             if balance_alpha:
                 loss = loss + balance_alpha * balance
         return Output(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance, logits=logits)
+
+    def mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, positions=None, mask=None,
+                 ignore_index: int = -100) -> torch.Tensor | None:
+        """L_MTP = 1/D · Σ_k CE_k (eq. 25, before λ) from the main model's final hidden states h
+        (B, T, D): module k sees h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1} (targets[:, i+k]).
+
+        `positions` and a bool `mask` (B, 1, T, T) are the main forward's (packed sequences: each
+        restarts at 0 and attends within itself); a pair whose h^{k-1}_i and t_{i+k} lie in
+        different sequences (mask[i+k, i] false) predicts nothing. None when T ≤ 1."""
+        losses, hk = [], h
+        T = input_ids.shape[1]
+        for k, module in enumerate(self.mtp, start=1):
+            if T <= k:
+                break
+            n = T - k  # module k's sequence: indices 0 … T−k−1
+            tk = targets[:, k:]
+            if mask is not None:
+                same = mask[:, 0].diagonal(-k, dim1=-2, dim2=-1)  # (B, n): mask[b, i+k, i]
+                tk = tk.masked_fill(~same, ignore_index)
+            hk = module(hk[:, :-1], input_ids[:, k:], self.embed_tokens, self.rotary,
+                        positions=None if positions is None else positions[:, :n],
+                        mask=None if mask is None else mask[..., :n, :n])
+            lk = module.shared_head_logits(hk, self.lm_head)
+            losses.append(F.cross_entropy(lk.flatten(0, 1).float(), tk.flatten(), ignore_index=ignore_index))
+        return torch.stack(losses).mean() if losses else None
 
     @torch.no_grad()
     def update_router_bias(self, gamma: float) -> list[float]:

@@ -34,13 +34,17 @@ class MTPModule(nn.Module):
         self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, h_prev: torch.Tensor, next_tokens: torch.Tensor, embed: nn.Embedding,
-                rotary: nn.Module) -> torch.Tensor:
-        """h_prev (B, T', D) at positions 0..T'-1, next_tokens (B, T') = t_{i+k} → h^k (B, T', D)."""
+                rotary: nn.Module, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """h_prev (B, T', D) at `positions` (default 0..T'-1), next_tokens (B, T') = t_{i+k} →
+        h^k (B, T', D); `mask` (bool (B, 1, T', T')) as the main model's, default causal."""
         B, T = next_tokens.shape
         e = self.enorm(embed(next_tokens))
         h = self.eh_proj(torch.cat([e, self.hnorm(h_prev)], dim=-1))
-        cos, sin = rotary(torch.arange(T, device=h.device).expand(B, T))
-        return self.block(h, cos, sin)
+        if positions is None:
+            positions = torch.arange(T, device=h.device).expand(B, T)
+        cos, sin = rotary(positions)
+        return self.block(h, cos, sin, mask=mask)
 
     def shared_head_logits(self, h: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
         return lm_head(self.shared_head_norm(h))
