@@ -24,8 +24,9 @@ import torch
 from .detok import Detokenizer, token_bytes_table
 from .kv_cache import BlockManager, PagedLatentCache
 from .paged_mla import AttnGroup, PagedMLA
-from .sampling import SamplerState, SamplingParams, TokenLogprob, sample
+from .sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
 from .scheduler import Batch, Request, Scheduler
+from .speculative import Drafter, Fill, verify
 
 
 class PromptTooLongError(ValueError):
@@ -108,7 +109,7 @@ class Piece:
 class Engine:
     def __init__(self, model_or_path, tokenizer=None, *, device=None, dtype=None, max_num_seqs: int = 64,
                  max_batch_tokens: int = 2048, block_size: int = 16, num_blocks: int | None = None,
-                 cache_tokens: int | None = None, enable_prefix_cache: bool = True):
+                 cache_tokens: int | None = None, enable_prefix_cache: bool = True, speculative_tokens: int = 0):
         from ..checkpoint import cast, load_pretrained, resolve_ckpt
         from ..tokenizer import Tokenizer
 
@@ -133,7 +134,15 @@ class Engine:
         self.block_size = block_size
         if max_batch_tokens < 1 or max_num_seqs < 1:
             raise ValueError(f"max_batch_tokens={max_batch_tokens} and max_num_seqs={max_num_seqs} must be ≥ 1")
-        per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.embed_tokens.weight.element_size()
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens={speculative_tokens} must be ≥ 0 (0 = off)")
+        if speculative_tokens and not cfg.num_nextn_predict_layers:
+            raise ValueError(f"speculative_tokens={speculative_tokens}: the model has no MTP module to draft with "
+                             "(num_nextn_predict_layers = 0); use 0")
+        self.speculative_tokens = k = speculative_tokens
+        depth = min(k, cfg.num_nextn_predict_layers)  # MTP modules that draft (each has a cache layer)
+        per_token = (cfg.num_hidden_layers + depth) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) \
+            * model.embed_tokens.weight.element_size()
         if num_blocks is None:
             if cache_tokens is None:  # room for every sequence at full context, within a memory cap
                 cap = 1 << 30
@@ -141,9 +150,9 @@ class Engine:
                     cap = int(torch.cuda.mem_get_info(self.device)[0] * 0.5)
                 cache_tokens = min(max_num_seqs * self.max_context, cap // per_token)
             num_blocks = math.ceil(cache_tokens / block_size) + 1  # + the scratch block
-        self.cache = PagedLatentCache.for_model(model, num_blocks, block_size)
+        self.cache = PagedLatentCache.for_model(model, num_blocks, block_size, depth)
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_cache)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens, lookahead=k, backoff=depth)
         self.num_blocks = num_blocks - 1  # usable (block 0 is scratch)
         self._table = token_bytes_table(tokenizer) if tokenizer is not None else None
         eos = getattr(tokenizer, "eos_id", None)
@@ -153,7 +162,12 @@ class Engine:
         self._outputs: dict[str, RequestOutput] = {}
         self._aborted: list[StreamEvent] = []
         self.paged = PagedMLA(model)
+        self.drafter = Drafter(self.paged, self.cache, block_size, k) if k else None
         self.prefill_tokens = 0  # prompt tokens computed (prefix-cache hits and copied chunks excluded)
+        # speculative decoding: verifying steps, and per draft position drafts verified / accepted
+        self.spec_steps = 0
+        self.spec_drafted = [0] * k
+        self.spec_accepted = [0] * k
         self.decode_waste = 1.5  # decode rows share one attention call while padding ≤ 50%
         self.prefill_waste = 1.25  # prefill chunks share one forward while padding ≤ 25%
 
@@ -181,7 +195,19 @@ class Engine:
 
     @property
     def stats(self) -> dict:
-        return {"prefill_tokens": self.prefill_tokens, "preemptions": self.scheduler.num_preempted}
+        """Counters since the engine started. With speculative decoding (vLLM's names): verifying
+        steps (`spec_num_drafts`), draft tokens verified and accepted, both per draft position,
+        the acceptance rate and the mean accepted length (tokens a verifying step emits, the
+        target's own token included)."""
+        out = {"prefill_tokens": self.prefill_tokens, "preemptions": self.scheduler.num_preempted}
+        if self.speculative_tokens:
+            drafted, accepted = sum(self.spec_drafted), sum(self.spec_accepted)
+            out.update(spec_num_drafts=self.spec_steps, spec_num_draft_tokens=drafted,
+                       spec_num_accepted_tokens=accepted, spec_num_draft_tokens_per_pos=list(self.spec_drafted),
+                       spec_num_accepted_tokens_per_pos=list(self.spec_accepted),
+                       spec_acceptance_rate=accepted / drafted if drafted else 0.0,
+                       spec_mean_accepted_length=1 + accepted / self.spec_steps if self.spec_steps else 0.0)
+        return out
 
     def update_weights(self) -> None:
         """Call after changing the model's weights in place (e.g. between GRPO steps): the decode
@@ -311,51 +337,111 @@ class Engine:
         return events
 
     def _run(self, batch: Batch) -> list[StreamEvent]:
-        """Forward and sample one planned batch, then commit: every request's state changes only
-        after all of its batch's computation has succeeded (latents written to not-yet-computed
-        positions are simply written again on a re-run)."""
-        events: list[StreamEvent] = []
+        """Forward, sample (and draft) one planned batch, then commit: every request's state
+        changes only after all of its batch's computation has succeeded (latents written to
+        not-yet-computed positions are simply written again on a re-run)."""
+        dev = self.device
         unique, copies = self._dedupe(batch.prefill)
-        pieces = [Piece(r, r.num_computed, r.all_ids[r.num_computed:r.num_computed + 1]) for r in batch.decode]
-        pieces += [Piece(r, r.num_computed, r.all_ids[r.num_computed:r.num_computed + n]) for r, n in unique]
+        decode = [Piece(r, r.num_computed, r.all_ids[r.num_computed:r.num_computed + 1] + r.drafts)
+                  for r in batch.decode]
+        pieces = decode + [Piece(r, r.num_computed, r.all_ids[r.num_computed:r.num_computed + n]) for r, n in unique]
         h = self._forward(pieces) if pieces else None
-        ready = [p.r for p in pieces if p.r.remaining == len(p.ids)]  # reaches the end of what is known: sample
-        rows = [p.row0 + len(p.ids) - 1 for p in pieces if p.r.remaining == len(p.ids)]
-        if copies:  # identical chunks: their latents copied, their next token read from the same row
+        checking = [p for p in decode if len(p.ids) > 1]  # rows that verify drafts
+        # the rows that sample one token: decode rows without drafts, chunks reaching the end of the prompt
+        ready = [p for p in pieces if p.r.remaining == len(p.ids) and p not in checking]
+        rows = [p.row0 + len(p.ids) - 1 for p in ready]
+        twins = []  # identical chunks: latents copied, next token read from their source's row
+        at = {id(p.r): p for p in ready}
+        for r, n, src in copies:
+            if id(src) in at:
+                twins.append((r, at[id(src)]))
+                rows.append(at[id(src)].row0 + n - 1)
+        sampling = [p.r for p in ready] + [r for r, _ in twins]
+        rows += [p.row0 + j for p in checking for j in range(len(p.ids))]
+        out: dict[int, tuple[list[int], list]] = {}  # request → (the tokens it emits, their logprobs)
+        if rows:
+            hs = h if rows == list(range(h.shape[0])) else h.index_select(0, torch.tensor(rows, device=dev))
+            logits = self.paged.logits(hs)
+            n = len(sampling)
+            if n:
+                tokens, lps = sample(logits[:n], [r.sampler for r in sampling])
+                out.update({id(r): ([t], [lp]) for r, t, lp in zip(sampling, tokens, lps)})
+            if checking:
+                reqs, counts = [p.r for p in checking], [len(p.ids) for p in checking]
+                _, emitted = verify(logits[n:], reqs, counts)
+                starts = [n + sum(counts[:i]) for i in range(len(counts))]  # row j of a request emits its token j
+                flat = [t for e in emitted for t in e]
+                lps = token_logprobs(logits[[o + j for o, e in zip(starts, emitted) for j in range(len(e))]], flat,
+                                     [r.sampler for r, e in zip(reqs, emitted) for _ in e])
+                i = 0
+                for r, e in zip(reqs, emitted):
+                    out[id(r)] = (e, lps[i:i + len(e)])
+                    i += len(e)
+        fills = self._fills(pieces, twins, out) if self.drafter is not None else []
+        if fills:
+            self.drafter.run(fills, h)
+        # ---- commit
+        if copies:
             self._copy_latents(copies)
-            at = {id(r): i for r, i in zip(ready, rows)}
-            twins = [(r, at[id(src)]) for r, _, src in copies if id(src) in at]
-            ready += [r for r, _ in twins]
-            rows += [i for _, i in twins]
-        tokens, lps = [], []
-        if ready:
-            hs = h if rows == list(range(h.shape[0])) else h.index_select(0, torch.tensor(rows, device=self.device))
-            tokens, lps = sample(self.paged.logits(hs), [r.sampler for r in ready])
         self.prefill_tokens += sum(n for _, n in unique)
-        for r, n in [(r, 1) for r in batch.decode] + batch.prefill:
+        for p in checking:
+            n = len(out[id(p.r)][0]) - 1  # drafts kept
+            self.spec_steps += 1
+            for i in range(len(p.ids) - 1):
+                self.spec_drafted[i] += 1
+                self.spec_accepted[i] += i < n
+        for p in decode:
+            p.r.num_computed += len(out[id(p.r)][0])
+        for r, n in batch.prefill:
             r.num_computed += n
+        for f in fills:
+            f.r.drafts, f.r.draft_probs, f.r.mtp_h = f.drafts, f.draft_probs, f.mtp_h
+        for r in [p.r for p in decode] + [r for r, _ in batch.prefill]:
             self.scheduler.register_full_blocks(r)
-        for r, tok, lp in zip(ready, tokens, lps):
+        events: list[StreamEvent] = []
+        for r in sampling + [p.r for p in checking]:
             try:
-                events.append(self._accept(r, tok, lp))
+                events.append(self._accept(r, *out[id(r)]))
             except Exception as e:  # e.g. its detokenizer: this request alone
                 events.append(self._fail(r, e))
         return events
 
-    def _accept(self, r: Request, tok: int, lp: TokenLogprob | None) -> StreamEvent:
-        r.all_ids.append(tok)
-        r.sampler.observe(tok)
-        if r.logprobs is not None:
-            r.logprobs.append(lp)
-        is_stop = tok in r.stop_ids
-        delta = r.detok.add(tok, visible=not is_stop)
-        reason = "stop" if (is_stop or r.detok.stopped) else ("length" if len(r.all_ids) >= r.max_len else None)
-        lps = [lp] if lp is not None else None
+    def _fills(self, pieces: list["Piece"], twins: list, out: dict) -> list[Fill]:
+        """The MTP modules' work after the main forward: each request's slots after the
+        positions it computed (their tokens now known: the prompt's, or what the step emits),
+        then drafts for the next step unless it ends here. A twin reads its source's hidden
+        states; a verifying row computed only its kept drafts' positions for real."""
+        fills = []
+        for r, p in [(p.r, p) for p in pieces] + twins:
+            got = out.get(id(r), ([], []))[0]
+            m = len(got) if r.remaining == 1 else len(p.ids)  # decode/verify: x_N and the drafts kept
+            seq = r.all_ids + got
+            ends = not got or any(t in r.stop_ids for t in got) or len(seq) >= r.max_len
+            k = 0 if ends else min(self.speculative_tokens, r.max_len - len(seq) - 1)
+            fills.append(Fill(r, p.start, [p.row0 + i for i in range(m)], seq[p.start + 1:p.start + m + 1], k, got))
+        return fills
+
+    def _accept(self, r: Request, tokens: list[int], lps: list[TokenLogprob | None]) -> StreamEvent:
+        """Append the step's tokens (one, or a verified run of drafts and the token after them)
+        until one ends the request."""
+        delta, taken, reason = "", [], None
+        for tok, lp in zip(tokens, lps):
+            r.all_ids.append(tok)
+            r.sampler.observe(tok)
+            if r.logprobs is not None:
+                r.logprobs.append(lp)
+            taken.append(tok)
+            is_stop = tok in r.stop_ids
+            delta += r.detok.add(tok, visible=not is_stop)
+            reason = "stop" if (is_stop or r.detok.stopped) else ("length" if len(r.all_ids) >= r.max_len else None)
+            if reason is not None:
+                break
+        got = [lp for lp in lps[:len(taken)] if lp is not None] or None
         if reason is None:
-            return self._event(r, delta, [tok], None, lps)
+            return self._event(r, delta, taken, None, got)
         self.scheduler.running.remove(r)
         self.scheduler.free(r)
-        return self._finish(r, reason, delta + r.detok.flush(), [tok], lps)
+        return self._finish(r, reason, delta + r.detok.flush(), taken, got)
 
     @staticmethod
     def _dedupe(chunks: list[tuple[Request, int]]) -> tuple[list[tuple[Request, int]], list[tuple[Request, int, Request]]]:
@@ -384,7 +470,7 @@ class Engine:
             for p in range(r.num_computed, r.num_computed + n):
                 dst.append(r.blocks[p // bs] * bs + p % bs)
                 src.append(s.blocks[p // bs] * bs + p % bs)
-        kv = self.cache.kv
+        kv = self.cache.kv[:self.config.num_hidden_layers]  # the MTP modules' slots are filled per request
         kv.index_copy_(1, torch.tensor(dst, device=self.device), kv[:, torch.tensor(src, device=self.device)])
 
     @staticmethod
@@ -425,11 +511,10 @@ class Engine:
             table = torch.tensor([(p.r.blocks + [0] * nb)[:nb] for p in g], device=dev)
             attn.append(AttnGroup(len(ids), lens, starts, table))
             for p in g:
-                blk = p.r.blocks
                 p.row0 = len(ids)
                 ids += p.ids
                 pos += range(p.start, p.start + len(p.ids))
-                write += [blk[q // bs] * bs + q % bs for q in range(p.start, p.start + len(p.ids))]
+                write += [p.r.slot(q, bs) for q in range(p.start, p.start + len(p.ids))]
         return self.paged.hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache.kv,
                                  torch.tensor(write, device=dev), attn, bs)
 

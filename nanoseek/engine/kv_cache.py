@@ -32,10 +32,12 @@ class PagedLatentCache:
         self.kv = torch.zeros(n_layers, num_blocks * block_size, rank + rope_dim, dtype=dtype, device=device)
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int) -> "PagedLatentCache":
+    def for_model(cls, model, num_blocks: int, block_size: int, mtp_layers: int = 0) -> "PagedLatentCache":
+        """The main model's layers, then `mtp_layers` MTP modules' (speculative decoding)."""
         c = model.config
         p = model.embed_tokens.weight
-        return cls(c.num_hidden_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim, p.dtype, p.device)
+        return cls(c.num_hidden_layers + mtp_layers, num_blocks, block_size, c.kv_lora_rank, c.qk_rope_head_dim,
+                   p.dtype, p.device)
 
     @property
     def bytes_per_token(self) -> int:

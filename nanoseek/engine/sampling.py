@@ -96,14 +96,21 @@ class SamplerState:
             self.counts[token] += 1
             self.seen[token] = True
 
-    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+    def penalise(self, logits: torch.Tensor, extra: list[int] | tuple = ()) -> torch.Tensor:
+        """The penalised logits of the next token, as if the `extra` tokens (a speculative step's
+        drafts or just-accepted tokens) had been observed too."""
         p = self.params
         if self.counts is None:
             return logits
+        counts, seen = self.counts, self.seen
+        if extra:
+            ids = torch.tensor([t for t in extra if 0 <= t < counts.shape[0]], dtype=torch.long, device=counts.device)
+            counts = counts.index_add(0, ids, torch.ones_like(ids, dtype=counts.dtype))
+            seen = seen.index_fill(0, ids, True)
         if p.repetition_penalty != 1.0:
             pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(self.seen, pen, logits)
-        return logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0)
+            logits = torch.where(seen, pen, logits)
+        return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0)
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -133,11 +140,13 @@ def _mix32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> 16)
 
 
-def uniforms(seeds: list[int], counters: list[int]) -> torch.Tensor:
-    """Seeds and draw counters → (n,) fp64 uniforms in (0, 1), a pure function of (seed, counter)
-    with 53 random bits (two hash words), so a token's probability is resolved to ~1e-16.
+def uniforms(seeds: list[int], counters: list[int], stream: int = 0) -> torch.Tensor:
+    """Seeds and draw counters → (n,) fp64 uniforms in (0, 1), a pure function of (seed, counter,
+    stream) with 53 random bits (two hash words), so a token's probability is resolved to ~1e-16.
+    `stream` separates independent uses of one counter (speculative decoding draws a draft, an
+    acceptance test and the final token for the same output position).
     (numpy: a few dozen numbers, hashed in microseconds; a dozen tiny torch ops took 0.2 ms.)"""
-    seed32 = np.array([s & 0xFFFFFFFF for s in seeds], dtype=np.uint32)  # any Python int, negative too
+    seed32 = np.array([(s ^ stream * 0x9E3779B9) & 0xFFFFFFFF for s in seeds], dtype=np.uint32)
     # lowbias32 maps 0 to 0: without the constant (murmur3's), seed 0's first key would be 0 and its first
     # uniform ~7e-9 (always the lowest token id with any mass); with it, the one seed whose key is
     # 0 at a given counter is an arbitrary-looking 32-bit number, as likely as any other
@@ -147,10 +156,10 @@ def uniforms(seeds: list[int], counters: list[int]) -> torch.Tensor:
     return torch.from_numpy((bits.astype(np.float64) + 0.5) * 2.0**-53)  # never 0 or 1
 
 
-def draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
-    """Sampled rows (n, V), one state each → one token per row, drawn from softmax(z/T) restricted
-    to the top-k/top-p-filtered logits: the first token whose cumulative probability exceeds the
-    row's uniform (inverse-CDF sampling; a filtered token has probability 0 and is never picked)."""
+def probs(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """Rows of (penalised) logits (n, V), one state each → the distribution each row samples
+    from, fp64: softmax(z/T) restricted to the top-k/top-p-filtered logits (a filtered token has
+    probability 0)."""
     dev = logits.device
     ps = [s.params for s in states]
     z = logits
@@ -162,25 +171,62 @@ def draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     if any(p.top_k or p.top_p < 1.0 for p in ps):
         z = filter_top_k_top_p(z, torch.tensor([p.top_k for p in ps], device=dev),
                                torch.tensor([p.top_p for p in ps], device=dev))
-    cdf = z.softmax(-1).double().cumsum(-1)  # fp64: no mass lost to rounding over a large vocabulary
-    u = uniforms([s.seed for s in states], [s.step for s in states]).to(dev)
+    return z.softmax(-1).double()  # fp64: no mass lost to rounding over a large vocabulary
+
+
+def inverse_cdf(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Rows of probabilities (n, V) (not necessarily normalised) and uniforms (n,) → the first
+    token whose cumulative probability exceeds u·total (inverse-CDF sampling)."""
+    cdf = p.cumsum(-1)
     # u·total < total: the index found is at most the last token with probability > 0
-    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1])[:, None], right=True)[:, 0]
+
+
+def draw(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
+    """Sampled rows (n, V), one state each → one token per row from `probs`, at the row's
+    uniform for its seed and draw counter."""
+    u = uniforms([s.seed for s in states], [s.step for s in states])
+    return inverse_cdf(probs(logits, states), u.to(logits.device))
+
+
+def penalised(logits: torch.Tensor, states: list[SamplerState], extras: list | None = None) -> torch.Tensor:
+    """Rows of raw logits → what sampling reads: each row penalised by its state (with that
+    row's `extras` as if observed), infinities from extreme penalties made finite."""
+    rows = [i for i, s in enumerate(states) if s.counts is not None]
+    if not rows and all(s.params.greedy for s in states):
+        return logits
+    x = logits
+    if rows:
+        x = logits.clone()
+        for i in rows:
+            x[i] = states[i].penalise(logits[i], extras[i] if extras is not None else ())
+    # extreme penalties can overflow a logit to ±inf; keep the order, lose the infinities
+    return torch.nan_to_num(x, nan=float("-inf"), posinf=1e30, neginf=-1e30)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], states: list[SamplerState]) -> list[TokenLogprob | None]:
+    """Each row's chosen token's logprob (and the `top_logprobs` best) under the model's own
+    distribution, before penalties and temperature, as OpenAI reports them; None where not asked."""
+    lps: list[TokenLogprob | None] = [None] * len(tokens)
+    want = [i for i, s in enumerate(states) if s.params.logprobs or s.params.top_logprobs]
+    if not want:
+        return lps
+    logp = logits[want].log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor([tokens[i] for i in want], device=logits.device)[:, None])[:, 0].tolist()
+    k = max(states[i].params.top_logprobs for i in want)
+    top_v, top_i = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(want):
+        n = states[i].params.top_logprobs
+        lps[i] = TokenLogprob(tokens[i], chosen[j], dict(zip(top_i[j][:n], top_v[j][:n])))
+    return lps
 
 
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits (B, V) fp32, one state per row → next token per row (+ its logprob when asked)."""
     B = logits.shape[0]
-    penalised = [i for i, s in enumerate(states) if s.counts is not None]
     drawn = [i for i, s in enumerate(states) if not s.params.greedy]
-    x = logits
-    if penalised:
-        x = logits.clone()
-        for i in penalised:
-            x[i] = states[i].penalise(logits[i])
-    if penalised or drawn:
-        # extreme penalties can overflow a logit to ±inf; keep the order, lose the infinities
-        x = torch.nan_to_num(x, nan=float("-inf"), posinf=1e30, neginf=-1e30)
+    x = penalised(logits, states)
     if len(drawn) == B:
         tokens = draw(x, states)
     else:
@@ -188,16 +234,4 @@ def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int],
         if drawn:
             tokens[drawn] = draw(x[drawn], [states[i] for i in drawn])
     out = tokens.tolist()
-    lps: list[TokenLogprob | None] = [None] * B
-    want = [i for i, s in enumerate(states) if s.params.logprobs or s.params.top_logprobs]
-    if want:
-        # logprobs of the model's own distribution (before penalties/temperature), as OpenAI reports them
-        logp = logits[want].log_softmax(-1)
-        chosen = logp.gather(1, tokens[want, None])[:, 0].tolist()
-        k = max(states[i].params.top_logprobs for i in want)
-        top_v, top_i = (logp.topk(k, dim=-1) if k else (logp[:, :0], logp[:, :0].long()))
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(want):
-            n = states[i].params.top_logprobs
-            lps[i] = TokenLogprob(out[i], chosen[j], dict(zip(top_i[j][:n], top_v[j][:n])))
-    return out, lps
+    return out, token_logprobs(logits, out, states)

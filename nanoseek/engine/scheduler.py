@@ -39,6 +39,12 @@ class Request:
     finish_reason: str | None = None
     keep_output: bool = False
     stop_ids: set[int] = field(default_factory=set)  # stop_token_ids + EOS (unless ignore_eos)
+    shared: int = 0  # positions < shared are prefix-cache blocks other requests read: never written
+    # speculative decoding: the drafts of the next step, their distributions (sampled requests),
+    # each MTP module's output at the last real slot (the next module's first input)
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: object = None
+    mtp_h: list = field(default_factory=list)
 
     @property
     def output_ids(self) -> list[int]:
@@ -48,6 +54,15 @@ class Request:
     def remaining(self) -> int:
         return len(self.all_ids) - self.num_computed
 
+    def slot(self, q: int, block_size: int) -> int:
+        """The cache slot position q writes to: its block's, or the scratch slot 0 for a position
+        in a shared prefix block (recomputed only for the hidden state the MTP modules read) and
+        for an MTP entry past the blocks a full cache left the request (its drafts are then
+        merely worse)."""
+        if q < self.shared or q >= len(self.blocks) * block_size:
+            return 0
+        return self.blocks[q // block_size] * block_size + q % block_size
+
 
 @dataclass
 class Batch:
@@ -56,10 +71,17 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int):
+    """`lookahead`: slots a step may write beyond the tokens it computes (speculative decoding:
+    the MTP modules' entries and drafts, up to k further), given blocks when some are free — never
+    at the cost of a preemption or a smaller chunk; `backoff`: prompt positions of a prefix-cache
+    hit computed again (into the scratch slot) for the hidden states the MTP modules need there."""
+
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int, lookahead: int = 0,
+                 backoff: int = 0):
         self.blocks = blocks
         self.bs = blocks.block_size
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        self.lookahead, self.backoff = lookahead, backoff
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preempted = 0
@@ -73,10 +95,14 @@ class Scheduler:
     def _grow(self, r: Request, n: int) -> None:
         for _ in range(self._blocks_needed(r, n)):
             r.blocks.append(self.blocks.allocate())
+        ahead = min(n + self.lookahead, r.max_len - r.num_computed)
+        for _ in range(min(self._blocks_needed(r, ahead), self.blocks.num_free)):
+            r.blocks.append(self.blocks.allocate())
 
     def free(self, r: Request) -> None:
         self.blocks.release(r.blocks)
-        r.blocks, r.block_keys, r.num_computed = [], [], 0
+        r.blocks, r.block_keys, r.num_computed, r.shared = [], [], 0, 0
+        r.drafts, r.draft_probs, r.mtp_h = [], None, []
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
@@ -91,7 +117,8 @@ class Scheduler:
         decode: list[Request] = []
         prefill: list[tuple[Request, int]] = []
         stuck: list[Request] = []
-        # 1. decodes, oldest first; make room by preempting the newest
+        # 1. decodes, oldest first (each with its drafts, as the budget allows); make room by
+        #    preempting the newest
         for r in sorted((r for r in self.running if r.remaining == 1), key=lambda r: r.arrival):
             if budget == 0:
                 break
@@ -108,9 +135,14 @@ class Scheduler:
                 else:
                     self._preempt(r)
                 continue
-            self._grow(r, 1)
+            # its drafts ride along as far as the budget and the free blocks allow
+            n = 1 + len(r.drafts)
+            while n > 1 and (n > budget or self._blocks_needed(r, n) > self.blocks.num_free):
+                n -= 1
+            r.drafts = r.drafts[:n - 1]
+            self._grow(r, n)
             decode.append(r)
-            budget -= 1
+            budget -= n
         # 2. running requests in the middle of their prompt
         for r in sorted((r for r in self.running if r.remaining > 1), key=lambda r: r.arrival):
             # as much as the budget and the blocks we can get allow
@@ -125,19 +157,20 @@ class Scheduler:
             r = self.waiting[0]
             if r.num_computed == 0 and not r.blocks:
                 hit, keys = self.blocks.match(r.all_ids, (len(r.all_ids) - 1) // self.bs)
-                r.blocks, r.block_keys, r.num_computed = hit, keys, len(hit) * self.bs
+                r.blocks, r.block_keys, r.shared = hit, keys, len(hit) * self.bs
+                r.num_computed = max(0, r.shared - self.backoff)
             n = min(r.remaining, budget)
             if self._blocks_needed(r, n) > self.blocks.num_free:
                 # a chunk that fits what is free (whole blocks), else wait for others to finish
                 n = min(n, (len(r.blocks) + self.blocks.num_free) * self.bs - r.num_computed)
                 if n <= 0:
                     self.blocks.release(r.blocks)  # give the hits back; matched again next time
-                    r.blocks, r.block_keys, r.num_computed = [], [], 0
+                    r.blocks, r.block_keys, r.num_computed, r.shared = [], [], 0, 0
                     break
             self.waiting.popleft()
             self.running.append(r)
             if r.cached_tokens is None:  # first admission: what the prefix cache saved of the prompt
-                r.cached_tokens = min(r.num_computed, len(r.prompt_ids))
+                r.cached_tokens = min(r.shared, len(r.prompt_ids))
             self._grow(r, n)
             prefill.append((r, n))
             budget -= n
