@@ -16,7 +16,8 @@ from nanoseek.config import preset
 from nanoseek.counting import count
 from nanoseek.distill.losses import generalized_jsd_loss
 from nanoseek.distill.traces import TracesConfig, traces
-from nanoseek.distill.train import DistillConfig, check_student, distill, kd_step_loss, prompts_of
+from nanoseek.distill.train import (DistillConfig, check_student, compared_vocab, distill, kd_step_loss,
+                                    prompts_of)
 from nanoseek.model import DeepSeekV3
 from nanoseek.tasks import TASKS, Problem
 from nanoseek.tasks.base import extract_answer
@@ -82,12 +83,16 @@ def test_equals_trl_generalized_jsd_loss():
 
 
 # ---------------------------------------------------------------------- fixtures
+TEACHER_VOCAB = 320
+
+
 @pytest.fixture(scope="module")
 def sharp_teacher(tmp_path_factory, tok):
     """A tiny MoE teacher with a sharpened head: peaked distributions a student can be seen to
-    move towards (a random model's are nearly uniform, and so is a fresh student's)."""
+    move towards (a random model's are nearly uniform, and so is a fresh student's). Its
+    vocabulary is padded past the tokenizer's, as `nanoseek pretrain` pads it."""
     torch.manual_seed(1)
-    model = DeepSeekV3(preset("tiny", vocab_size=tok.vocab_size))
+    model = DeepSeekV3(preset("tiny", vocab_size=TEACHER_VOCAB))
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     d = tmp_path_factory.mktemp("teacher") / "teacher"
@@ -120,7 +125,7 @@ def test_kd_loss_counts_the_assistant_tokens_only(sharp_teacher, tok):
     logits with the SFT targets as labels; the tokens it averages over are the assistant's."""
     teacher = load_pretrained(sharp_teacher)
     torch.manual_seed(0)
-    student = DeepSeekV3(preset("dense-tiny", vocab_size=tok.vocab_size)).eval()
+    student = DeepSeekV3(preset("dense-tiny", vocab_size=TEACHER_VOCAB)).eval()
     convs = load_conversations("builtin:sft-arith?n=5&seed=3")
     ex = tokenize(convs, tok, 256)
     batch = tuple(torch.tensor([pack(ex, 256, tok.pad_id)[0][k]]) for k in range(4))
@@ -133,7 +138,7 @@ def test_kd_loss_counts_the_assistant_tokens_only(sharp_teacher, tok):
         full_s = student(ids, positions=pos, mask=block_causal_mask(doc))
         full_t = teacher(ids, positions=pos, mask=block_causal_mask(doc))
         for beta in (0.0, 0.5, 1.0):
-            got, named = kd_step_loss(teacher, beta, 1.0, tok.vocab_size)(student, batch)
+            got, named = kd_step_loss(teacher, beta, 1.0, TEACHER_VOCAB)(student, batch)
             want = generalized_jsd_loss(full_s, full_t, tgt, beta=beta)
             assert float(got) == pytest.approx(float(want), rel=1e-5)
             assert float(named["ce"]) == pytest.approx(
@@ -156,16 +161,24 @@ def test_dense_presets_are_dense_and_the_demo_student_is_under_a_third():
     assert count(preset("dense-small")).total <= count(preset("small")).total / 3
 
 
-def test_a_student_must_share_the_teachers_tokenizer(tmp_path, tok):
-    cfg, path = check_student("dense-tiny", tok, 128)
-    assert path is None and cfg.vocab_size == tok.vocab_size  # a preset takes the teacher's vocabulary
+def test_a_student_must_share_the_teachers_tokenizer(tmp_path, tok, sharp_teacher):
+    cfg, path = check_student("dense-tiny", tok, TEACHER_VOCAB, 128)
+    assert path is None and cfg.vocab_size == TEACHER_VOCAB  # a preset takes the teacher's vocabulary size
+    # a checkpoint with the teacher's tokenizer but unpadded rows: compared over the tokenizer's ids
+    own = tmp_path / "own"
+    save_pretrained(DeepSeekV3(preset("dense-tiny", vocab_size=tok.vocab_size)), own, extra={"tokenizer": tok.save})
+    assert check_student(str(own), tok, TEACHER_VOCAB, 128)[1] == own
+    assert compared_vocab(tok.vocab_size, TEACHER_VOCAB, tok) == tok.vocab_size < TEACHER_VOCAB
+    assert compared_vocab(TEACHER_VOCAB, TEACHER_VOCAB, tok) == TEACHER_VOCAB
+    distill(dcfg(sharp_teacher, tmp_path / "run", student=str(own), max_steps=1))
+    assert math.isfinite(losses(tmp_path / "run")[1])
     other = Tokenizer.train(["completely different words here"] * 20, vocab_size=280)
     d = tmp_path / "stranger"
     save_pretrained(DeepSeekV3(preset("dense-tiny", vocab_size=other.vocab_size)), d, extra={"tokenizer": other.save})
     with pytest.raises(ValueError, match="its tokenizer is not the teacher's"):
-        check_student(str(d), tok, 128)
+        check_student(str(d), tok, tok.vocab_size, 128)
     with pytest.raises(ValueError, match="--seq-len 999 exceeds the student's context"):
-        check_student("dense-tiny", tok, 999)
+        check_student("dense-tiny", tok, tok.vocab_size, 999)
 
 
 def test_student_checkpoint_loads_in_transformers_with_the_same_logits_and_serves(kd_run, tok):

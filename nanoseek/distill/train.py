@@ -25,8 +25,8 @@ built-in set, packed the same way); the run is the shared training core's (resum
 torchrun, metrics, RUN/model, report).
 
 A student is a preset (`dense-small`, any nanoseek preset) built with the teacher's tokenizer
-and vocabulary, or a checkpoint whose tokenizer is the teacher's: the divergence compares the
-two models' distributions over the same token ids.
+and vocabulary size, or a checkpoint whose tokenizer is the teacher's: the divergence compares
+the two models' distributions over the same token ids.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import ckpt_flag, load_pretrained
-from ..config import PRESETS
+from ..config import PRESETS, ModelConfig, preset
 from ..tokenizer import Tokenizer
 from ..train.loop import Trainer, TrainConfig, balance_loss, start_run
 from ..train.sft import (PackedBatches, block_causal_mask, load_conversations, pack, sft_step_loss, steps_for_epochs,
@@ -144,13 +144,11 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return a.vocab_size == b.vocab_size and all(a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
 
 
-def check_student(spec: str, tok: Tokenizer, seq_len: int):
+def check_student(spec: str, tok: Tokenizer, teacher_vocab: int, seq_len: int):
     """The student's config (a preset: with the teacher's vocabulary) and its directory (None
     for a preset), or one line saying why this student cannot learn from this teacher."""
-    from ..config import ModelConfig, preset
-
     if spec in PRESETS:
-        cfg = preset(spec, vocab_size=tok.vocab_size)
+        cfg = preset(spec, vocab_size=teacher_vocab)
         path = None
     else:
         path = ckpt_flag(spec, "--student")
@@ -165,6 +163,13 @@ def check_student(spec: str, tok: Tokenizer, seq_len: int):
         raise ValueError(f"--seq-len {seq_len} exceeds the student's context (max_position_embeddings="
                          f"{cfg.max_position_embeddings})")
     return cfg, path
+
+
+def compared_vocab(student_vocab: int, teacher_vocab: int, tok: Tokenizer) -> int:
+    """How many logits the divergence compares: all of them when the two models' vocabularies
+    are the same size (as TRL requires), else the tokenizer's ids (what differs is padding rows
+    no token ever uses)."""
+    return student_vocab if student_vocab == teacher_vocab else tok.vocab_size
 
 
 # ---------------------------------------------------------------------- losses
@@ -262,7 +267,6 @@ def data_file(spec: str) -> str:
 
 def distill(cfg: DistillConfig, on_step=None) -> Path:
     """Distil the teacher into a student: sequence-level, logit or on-policy KD; returns RUN/model."""
-    from ..config import ModelConfig
     from ..counting import count, human
     from ..model import DeepSeekV3
     from ..report import write_report
@@ -270,7 +274,8 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
 
     teacher_path = ckpt_flag(cfg.teacher, "--teacher")
     tok = Tokenizer.load(teacher_path)
-    student_cfg, student_path = check_student(cfg.student, tok, cfg.seq_len)
+    teacher_cfg = ModelConfig.load(teacher_path / "config.json")
+    student_cfg, student_path = check_student(cfg.student, tok, teacher_cfg.vocab_size, cfg.seq_len)
     convs = load_conversations(data_file(cfg.data))
     rows = pack(tokenize(convs, tok, cfg.seq_len), cfg.seq_len, tok.pad_id, cfg.pack)
     cfg = steps_for_epochs(cfg, len(rows))
@@ -280,7 +285,7 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
     teacher = load_pretrained(teacher_path, device=rt.device).requires_grad_(False) if needs_teacher else None
     beta = cfg.divergence_beta
     if rt.is_main:
-        tc, sc = count(ModelConfig.load(teacher_path / "config.json")), count(student.config)
+        tc, sc = count(teacher_cfg), count(student.config)
         how = "cross-entropy on the traces" if beta is None else f"generalized JSD β={beta:g}, τ={cfg.temperature:g}"
         print(f"distill: --loss {cfg.loss} ({how}{f', λ={cfg.on_policy_fraction:g} on-policy' if cfg.loss == 'on_policy' else ''}"
               f"{', seq_kd' if cfg.seq_kd else ''}); student {cfg.student}: {human(sc.total)} parameters "
@@ -290,7 +295,8 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
     # is not the module's own forward, which DDP's reducer needs
     trainer = Trainer(cfg, student, tokenizer=tok, rt=rt, grad_sync="all_reduce")
     loss_fn = (sft_step_loss(cfg.balance_alpha) if beta is None
-               else kd_step_loss(teacher, beta, cfg.temperature, tok.vocab_size, cfg.balance_alpha))
+               else kd_step_loss(teacher, beta, cfg.temperature,
+                                 compared_vocab(student_cfg.vocab_size, teacher_cfg.vocab_size, tok), cfg.balance_alpha))
     samplers = {}
     if cfg.on_policy_fraction:  # the engine holds the live student: update_weights() before each use
         samplers["student"] = EngineSampler(student, tok, max_num_seqs=64, max_len=cfg.seq_len)
