@@ -192,12 +192,55 @@ def stage_grpo(demo: Demo) -> None:
     print(f"reward/accuracy plot: {out / 'grpo.png'}; per-step metrics: {out / 'metrics.jsonl'}")
 
 
+# ---- R1-Distill: verified traces from the GRPO reasoner, then logit KD into a dense student with
+# under a third of its parameters (see docs/distillation.md)
+DISTILL_STUDENT = "dense-small"
+# one sample per problem: the reasoner is nearly deterministic at temperature 1, so more samples of a
+# problem come out identical (deduplicated); more problems is what adds data
+DISTILL_TRACES = dict(n=2000, k=1, temperature=1.0, max_new_tokens=128)
+# a trace is 94-111 tokens: rows of 224 hold two; forward KL on the traces, a few minutes
+DISTILL = dict(loss="kl", max_steps=600, max_minutes=5, batch_size=16, seq_len=224, learning_rate=3e-3,
+               warmup_steps=30, weight_decay=0.0)
+
+
+def stage_distill(demo: Demo) -> None:
+    """Distil the reasoner: its verified traces, then forward-KL logit KD into a small dense student."""
+    from .config import ModelConfig
+    from .counting import count, human
+    from .distill.traces import TRACES, TracesConfig, traces
+    from .distill.train import DistillConfig, distill
+
+    teacher = demo.checkpoints["grpo"]
+    data, out = demo.root / "traces", demo.root / "distill"
+    banner(f"distill: {DISTILL_STUDENT} from {teacher} on its verified traces → {out} "
+           f"(training --max-minutes {DISTILL['max_minutes']})")
+    t = None
+    if not (out / "model" / "config.json").exists():
+        t = time.time()
+        if not (data / TRACES).is_file():
+            traces(TracesConfig(teacher=str(teacher), task="arithmetic", task_args=GRPO_TASK, out=str(data),
+                                seed=demo.seed, progress=False, **DISTILL_TRACES))
+        distill(DistillConfig(teacher=str(teacher), student=DISTILL_STUDENT, data=str(data), out=str(out),
+                              seed=demo.seed, threads=2, resume=True, **DISTILL))
+        t = time.time() - t
+    demo.checkpoints["distill"] = out / "model"
+    res = _task_eval(out / "model", f"student ({DISTILL_STUDENT})")
+    ref = _task_eval(teacher, "teacher (GRPO)")
+    ts, tt = (count(ModelConfig.load(Path(d) / "config.json")) for d in (out / "model", teacher))
+    print(f"student {human(ts.total)} parameters ({ts.total / tt.total:.2f}× the teacher's {human(tt.total)}, "
+          f"all layers dense): {res['pass@1']:.1%} held-out vs the teacher's {ref['pass@1']:.1%} "
+          f"({res['pass@1'] / max(ref['pass@1'], 1e-9):.0%} of it)")
+    demo.record("distill", f"{_figure(res)}; teacher {ref['pass@1']:.1%}; {DISTILL_STUDENT} "
+                           f"{human(ts.total)} parameters = {ts.total / tt.total:.2f}× the teacher's", t)
+
+
 STAGES: list[tuple[str, Callable[[Demo], None]]] = [
     ("parity", stage_parity),
     ("tokenizer", stage_tokenizer),
     ("pretrain", stage_pretrain),
     ("sft", stage_sft),
     ("grpo", stage_grpo),
+    ("distill", stage_distill),
 ]
 
 
