@@ -35,6 +35,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serve_load.py
 	@if [ -d runs/demo/sft/model ]; then $(BIN)/python benchmarks/grpo.py --ckpt runs/demo/sft/model; \
 	else echo "benchmarks/grpo.py compares against TRL on the demo's SFT checkpoint: run make demo first"; fi
+	@if [ -d runs/demo/grpo/model ]; then $(BIN)/python benchmarks/distill.py --teacher runs/demo/grpo; \
+	else echo "benchmarks/distill.py compares against TRL on the demo's GRPO checkpoint: run make demo first"; fi
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
