@@ -234,6 +234,8 @@ ROWS: list[tuple[list[str], list[str]]] = [
     ([*DIST, "--data", "builtin:nope"], ["builtin:nope", "unknown built-in SFT set"]),
     ([*DIST, "--data", "{missing}"], ["--data", "{missing}", "no such file"]),
     ([*DIST, "--data", "{bad_jsonl}"], ["{bad_jsonl}:2", "not valid JSON"]),
+    ([*DIST, "--seq-len", "300"], ["--seq-len 300", "the student's context", "max_position_embeddings=256"]),
+    ([*DIST[:4], "dense-small", *DIST[5:], "--seq-len", "300"], ["--seq-len 300", "the teacher's context"]),
     (TRACES[:2] + TRACES[4:], ["exactly one of --teacher DIR or --teacher-url URL"]),
     ([*TRACES, "--teacher-url", "http://127.0.0.1:9"], ["exactly one of --teacher DIR or --teacher-url URL"]),
     (TRACES[:2] + ["--teacher-url", "ftp://x"] + TRACES[4:], ["--teacher-url 'ftp://x'", "http://"]),

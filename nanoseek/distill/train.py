@@ -48,7 +48,6 @@ from ..train.sft import (PackedBatches, block_causal_mask, load_conversations, p
 from .losses import generalized_jsd_loss
 
 LOSSES = ("sft", "kl", "reverse_kl", "jsd", "on_policy")
-LOGIT_LOSSES = ("kl", "reverse_kl", "jsd", "on_policy")
 FIXED_BETA = {"kl": 0.0, "reverse_kl": 1.0}
 DEFAULT_BETA = {"jsd": 0.5, "on_policy": 1.0}
 
@@ -276,6 +275,9 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
     tok = Tokenizer.load(teacher_path)
     teacher_cfg = ModelConfig.load(teacher_path / "config.json")
     student_cfg, student_path = check_student(cfg.student, tok, teacher_cfg.vocab_size, cfg.seq_len)
+    if cfg.seq_len > teacher_cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the teacher's context (max_position_embeddings="
+                         f"{teacher_cfg.max_position_embeddings} in {teacher_path / 'config.json'})")
     convs = load_conversations(data_file(cfg.data))
     rows = pack(tokenize(convs, tok, cfg.seq_len), cfg.seq_len, tok.pad_id, cfg.pack)
     cfg = steps_for_epochs(cfg, len(rows))
@@ -286,17 +288,18 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
     beta = cfg.divergence_beta
     if rt.is_main:
         tc, sc = count(teacher_cfg), count(student.config)
-        how = "cross-entropy on the traces" if beta is None else f"generalized JSD β={beta:g}, τ={cfg.temperature:g}"
-        print(f"distill: --loss {cfg.loss} ({how}{f', λ={cfg.on_policy_fraction:g} on-policy' if cfg.loss == 'on_policy' else ''}"
-              f"{', seq_kd' if cfg.seq_kd else ''}); student {cfg.student}: {human(sc.total)} parameters "
+        how = ["cross-entropy on the traces" if beta is None else f"generalized JSD β={beta:g}, τ={cfg.temperature:g}",
+               *([f"λ={cfg.on_policy_fraction:g} on-policy"] if cfg.loss == "on_policy" else []),
+               *(["seq_kd"] if cfg.seq_kd else [])]
+        print(f"distill: --loss {cfg.loss} ({', '.join(how)}); student {cfg.student}: {human(sc.total)} parameters "
               f"({sc.total / tc.total:.2f}× the teacher's {human(tc.total)}); {len(convs)} conversations → "
               f"{len(rows)} rows of {cfg.seq_len}, {cfg.max_steps} steps on {rt.device}", flush=True)
     # data parallel by one all-reduce: the KD forward (hidden_states + head on the target tokens)
     # is not the module's own forward, which DDP's reducer needs
     trainer = Trainer(cfg, student, tokenizer=tok, rt=rt, grad_sync="all_reduce")
+    vocab = compared_vocab(student_cfg.vocab_size, teacher_cfg.vocab_size, tok)
     loss_fn = (sft_step_loss(cfg.balance_alpha) if beta is None
-               else kd_step_loss(teacher, beta, cfg.temperature,
-                                 compared_vocab(student_cfg.vocab_size, teacher_cfg.vocab_size, tok), cfg.balance_alpha))
+               else kd_step_loss(teacher, beta, cfg.temperature, vocab, cfg.balance_alpha))
     samplers = {}
     if cfg.on_policy_fraction:  # the engine holds the live student: update_weights() before each use
         samplers["student"] = EngineSampler(student, tok, max_num_seqs=64, max_len=cfg.seq_len)
