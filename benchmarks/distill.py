@@ -6,10 +6,11 @@
 Both sides distil the same teacher checkpoint into the same student (a `--student` preset built
 with the teacher's tokenizer, initialised once and saved, so transformers loads the very same
 weights), with the same generalized JSD (β = --beta, τ = 1), AdamW, and the same conversations:
-each step takes the next --batch chats of --data. nanoseek packs a step's chats into rows of
---seq-len (block-diagonal attention) and runs the teacher's and student's heads on the answer
-tokens only; TRL pads them to the longest chat of the batch (DataCollatorForChatML) and runs both
-models' heads on every position. Reported: training tokens/s, counting the chats' real tokens
+each step takes the next --batch chats of --data. Both sides put one chat per row, padded to the
+batch's longest (DataCollatorForChatML on TRL's side; `nanoseek distill`'s default, which then
+runs the models' causal attention with no mask; `--pack` packs rows of --seq-len instead, with a
+block-diagonal mask); nanoseek runs the teacher's and the student's heads on the answer tokens
+only, TRL on every position. Reported: training tokens/s, counting the chats' real tokens
 (prompt and answer, no padding) — the work both sides must do — and the step time. Rounds
 alternate (nanoseek, TRL, nanoseek, TRL, …) so that load drift on a shared machine hits both
 alike; each round's first step is a warm-up and is not timed.
@@ -52,7 +53,7 @@ def bench_nanoseek(teacher_dir: Path, student_dir: Path, tok: Tokenizer, convs, 
     for s in range(args.steps + 1):
         chats = convs[s * args.batch:(s + 1) * args.batch]
         ex = tokenize(chats, tok, args.seq_len)
-        rows = pack(ex, args.seq_len, tok.pad_id)
+        rows = pack(ex, args.seq_len, tok.pad_id, packed=args.pack)
         batch = tuple(torch.tensor([r[k] for r in rows]) for k in range(4))
         t = time.perf_counter()
         trainer.train_step([batch], loss_fn)
@@ -105,7 +106,8 @@ def main() -> None:
     ap.add_argument("--student", default="dense-small", help="student preset")
     ap.add_argument("--data", default="builtin:sft-arith?n=1024&digits=3", help="chat jsonl (traces) or builtin set")
     ap.add_argument("--batch", type=int, default=16, help="chats per step")
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per row at most")
+    ap.add_argument("--pack", action="store_true", help="nanoseek: pack chats into rows of --seq-len")
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round (after one warm-up step)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--beta", type=float, default=0.5)
@@ -135,7 +137,8 @@ def main() -> None:
         except ImportError as e:
             print(f"TRL not available ({e}); `pip install trl` to compare")
     print(f"\nlogit KD (generalized JSD β={args.beta}), teacher {args.teacher} → student {args.student}, "
-          f"{args.batch} chats/step, seq_len {args.seq_len}, {args.steps} timed steps × {args.rounds} rounds "
+          f"{args.batch} chats/step{f', packed into rows of {args.seq_len}' if args.pack else ''}, "
+          f"{args.steps} timed steps × {args.rounds} rounds "
           f"(A/B/A/B), torch threads {torch.get_num_threads()}, {args.dtype}")
 
     def line(name, runs):

@@ -21,8 +21,8 @@ of read from --data), `max_new_tokens` (the length of those samples).
 
 The tokens that carry a loss are the SFT loss's: assistant tokens of the traces, completion
 tokens of the samples; the prompt never does. The data is `nanoseek sft`'s (a chat jsonl or a
-built-in set, packed the same way); the run is the shared training core's (resume, dtype,
-torchrun, metrics, RUN/model, report).
+built-in set, read and, with --pack, packed the same way); the run is the shared training
+core's (resume, dtype, torchrun, metrics, RUN/model, report).
 
 A student is a preset (`dense-small`, any nanoseek preset) built with the teacher's tokenizer
 and vocabulary size, or a checkpoint whose tokenizer is the teacher's: the divergence compares
@@ -43,8 +43,8 @@ from ..checkpoint import ckpt_flag, load_pretrained
 from ..config import PRESETS, ModelConfig, preset
 from ..tokenizer import Tokenizer
 from ..train.loop import Trainer, TrainConfig, balance_loss, start_run
-from ..train.sft import (PackedBatches, block_causal_mask, load_conversations, pack, sft_step_loss, steps_for_epochs,
-                         tokenize)
+from ..train.sft import (PackedBatches, attention_mask, load_conversations, pack, sft_step_loss, steps_for_epochs,
+                         tokenize, trim)
 from .losses import generalized_jsd_loss
 
 LOSSES = ("sft", "kl", "reverse_kl", "jsd", "on_policy")
@@ -82,13 +82,16 @@ class DistillConfig(TrainConfig):
     max_new_tokens: int = field(default=128, metadata={"help": "tokens per sampled completion (on_policy, --seq-kd)"})
     epochs: float = field(default=2.0, metadata={"help": "passes over the data (fractional ok); sets the steps when --max-steps is 0"})
     max_steps: int = field(default=0, metadata={"help": "optimizer steps; 0 = as many as --epochs take"})
-    batch_size: int = field(default=8, metadata={"help": "packed rows per optimizer step (all ranks)"})
-    seq_len: int = field(default=256, metadata={"help": "tokens per packed row"})
+    batch_size: int = field(default=16, metadata={"help": "rows per optimizer step (all ranks): conversations, "
+                                                          "or with --pack packed rows"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per row at most (a longer conversation is cut)"})
     learning_rate: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine to --min-lr-ratio of it)"})
     warmup_steps: int = field(default=20, metadata={"help": "linear warmup steps"})
     router_gamma: float = field(default=0.0, metadata={"help": "γ of the aux-loss-free router-bias update (MoE students); 0 = off"})
     balance_alpha: float = field(default=0.0, metadata={"help": "α of the sequence-wise balance loss (MoE students); 0 = off"})
-    pack: bool = field(default=True, metadata={"help": "pack conversations (block-diagonal attention)"})
+    pack: bool = field(default=False, metadata={
+        "help": "pack several conversations per row (block-diagonal attention); off: one per row, cut to the "
+                "batch's longest, on the model's faster causal path (best for short traces)"})
 
     def __post_init__(self) -> None:
         """The shared checks, then distillation's, each one line naming the flag, before a
@@ -116,9 +119,11 @@ class DistillConfig(TrainConfig):
                 raise ValueError(f"--lmbda {self.lmbda}: must be in [0, 1]")
         if not 0 < self.temperature < math.inf:
             raise ValueError(f"--temperature {self.temperature}: must be a finite number > 0")
-        if not 1 <= self.max_new_tokens < self.seq_len:
-            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: must be in [1, --seq-len {self.seq_len}) "
-                             "(a prompt and its completion share a row)")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: must be ≥ 1")
+        if (self.on_policy_fraction or self.seq_kd) and self.max_new_tokens >= self.seq_len:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens}: must be below --seq-len {self.seq_len} "
+                             "(a prompt and its sampled completion share a row)")
         if self.data.startswith("builtin:"):
             from ..train.sft import _builtin_task
 
@@ -175,7 +180,7 @@ def compared_vocab(student_vocab: int, teacher_vocab: int, tok: Tokenizer) -> in
 def token_logits(model, ids, pos, doc, keep) -> torch.Tensor:
     """Logits (N, V) at the positions `keep` marks only: one forward of the packed rows, then the
     final norm and head on the positions that carry a loss (prompt and padding skip the head)."""
-    h = model.hidden_states(ids, positions=pos, mask=block_causal_mask(doc))[keep]
+    h = model.hidden_states(ids, positions=pos, mask=attention_mask(doc))[keep]
     return model.lm_head(model.norm(h))
 
 
@@ -184,7 +189,7 @@ def kd_step_loss(teacher, beta: float, temperature: float, vocab: int, balance_a
     the target tokens of a packed batch; the student's cross-entropy on them is logged beside it."""
 
     def fn(model, batch):
-        ids, tgt, pos, doc = batch
+        ids, tgt, pos, doc = trim(batch)
         keep = tgt != -100
         s = token_logits(model, ids, pos, doc, keep)[:, :vocab]
         with torch.no_grad():

@@ -196,6 +196,20 @@ def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same)[:, None]
 
 
+def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor | None:
+    """The mask a batch of `pack`'s rows needs: block_causal_mask, or None — plain causal
+    attention, the model's faster path that skips the masked half — when every row holds a
+    single conversation (from column 0, padding after it: its tokens then see exactly what the
+    block mask would let them see, and padding is never a target)."""
+    return None if bool((doc_ids <= 0).all()) else block_causal_mask(doc_ids)
+
+
+def trim(batch):
+    """A batch of `pack`'s rows without the columns that are padding in every row."""
+    n = max(1, int((batch[3] >= 0).sum(1).max()))
+    return tuple(t[:, :n] for t in batch)
+
+
 class PackedBatches:
     """Endless shuffled epochs of packed rows, collated; this rank's slice of each global batch.
 
@@ -249,7 +263,8 @@ def steps_for_epochs(cfg, n_rows: int):
 # ---------------------------------------------------------------------- training
 def sft_loss(model, ids, tgt, pos, doc) -> torch.Tensor:
     """Mean cross-entropy over assistant tokens of a packed batch."""
-    logits = model(ids, positions=pos, mask=block_causal_mask(doc))  # fp32 (B, T, V)
+    ids, tgt, pos, doc = trim((ids, tgt, pos, doc))
+    logits = model(ids, positions=pos, mask=attention_mask(doc))  # fp32 (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
 
 
