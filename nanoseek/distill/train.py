@@ -97,6 +97,8 @@ class DistillConfig(TrainConfig):
         """The shared checks, then distillation's, each one line naming the flag, before a
         model is loaded or the run directory written."""
         super().__post_init__()
+        if self.loss not in LOSSES:
+            raise ValueError(f"--loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if not (0 < self.epochs < math.inf) and not self.max_steps:
             raise ValueError(f"--epochs {self.epochs}: must be a finite number > 0 (or give --max-steps)")
         ckpt_flag(self.teacher, "--teacher")
@@ -318,7 +320,7 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
         source = "student" if draw < cfg.on_policy_fraction else "teacher" if cfg.seq_kd else "data"
         lens = None
         if source == "data":
-            parts = tr.split(batch)
+            parts = tr.split(trim(batch))  # cut first, so the core counts the tokens that are run
         else:
             batch, lens = sampled_batch(samplers[source], prompts_of(batch), cfg, tok.pad_id, seed + rt.rank)
             parts = micro_batches(batch, cfg.gradient_accumulation_steps)
