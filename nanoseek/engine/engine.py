@@ -23,7 +23,7 @@ import torch
 
 from .detok import Detokenizer, token_bytes_table
 from .kv_cache import BlockManager, PagedLatentCache
-from .paged_mla import AttnGroup, PagedMLA
+from .paged_mla import AttnGroup, PagedMLA, attention_groups
 from .sampling import SamplerState, SamplingParams, TokenLogprob, sample, token_logprobs
 from .scheduler import Batch, Request, Scheduler
 from .speculative import Drafter, Fill, verify
@@ -168,8 +168,6 @@ class Engine:
         self.spec_steps = 0
         self.spec_drafted = [0] * k
         self.spec_accepted = [0] * k
-        self.decode_waste = 1.5  # decode rows share one attention call while padding ≤ 50%
-        self.prefill_waste = 1.25  # prefill chunks share one forward while padding ≤ 25%
 
     # ------------------------------------------------------------------ state
     @property
@@ -473,33 +471,12 @@ class Engine:
         kv = self.cache.kv[:self.config.num_hidden_layers]  # the MTP modules' slots are filled per request
         kv.index_copy_(1, torch.tensor(dst, device=self.device), kv[:, torch.tensor(src, device=self.device)])
 
-    @staticmethod
-    def _pad_groups(chunks: list, waste: float = 1.25, length=lambda c: c[1]) -> list[list]:
-        """Split prefill chunks (or decode rows, by cache length) into groups of similar lengths,
-        so padding costs at most ~25% more than the real work (one forward or attention call
-        each: a little overhead, far less padding)."""
-        groups: list[list] = []
-        total = 0
-        for c in sorted(chunks, key=length):
-            n = length(c)
-            if groups and (len(groups[-1]) + 1) * n <= waste * (total + n):
-                groups[-1].append(c)
-                total += n
-            else:
-                groups.append([c])
-                total = n
-        return groups
-
     def _forward(self, pieces: list["Piece"]) -> torch.Tensor:
         """One PagedMLA forward over every piece's tokens, flattened → their hidden states (N, D);
-        each piece's first row is set in `piece.row0`. Single-token rows attend in groups of
-        similar cache length, longer pieces in groups of similar length (padding is wasted gather
-        and matmul)."""
+        each piece's first row is set in `piece.row0`. Rows attend in groups (`attention_groups`):
+        padding is wasted gather and matmul."""
         dev, bs = self.device, self.block_size
-        one = [p for p in pieces if len(p.ids) == 1]
-        more = [p for p in pieces if len(p.ids) > 1]
-        groups = (self._pad_groups(one, self.decode_waste, lambda p: p.start)
-                  + self._pad_groups(more, self.prefill_waste, lambda p: len(p.ids)))
+        groups = attention_groups(pieces, lambda p: p.start, lambda p: len(p.ids))
         ids: list[int] = []
         pos: list[int] = []
         write: list[int] = []
@@ -515,8 +492,8 @@ class Engine:
                 ids += p.ids
                 pos += range(p.start, p.start + len(p.ids))
                 write += [p.r.slot(q, bs) for q in range(p.start, p.start + len(p.ids))]
-        return self.paged.hidden(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), self.cache.kv,
-                                 torch.tensor(write, device=dev), attn, bs)
+        ids, pos, write = torch.tensor([ids, pos, write], device=dev)  # one host→tensor copy
+        return self.paged.hidden(ids, pos, self.cache.kv, write, attn, bs, max(p.start + len(p.ids) for p in pieces))
 
     # ------------------------------------------------------------------ conveniences
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,

@@ -145,24 +145,27 @@ class PagedMLA:
             self.mtp.append(dict(eh=_t(m.eh_proj.weight.double() * g, dt), layer=_fold_layer(m.block, c, dt),
                                  gain=gain, head_t=_head(w, gain)))
         self._buf = None  # the gathered latents, reused across steps
+        self._rope = None  # [cos; cos] and [−sin; sin] of positions 0 … n−1, computed as `rotary` does
 
     # ------------------------------------------------------------------ pieces
     def _rs(self, x):
         """1/√(Σx² + d·ε) (B, 1) fp32: RMSNorm's scale with its √d moved into the next weights
-        (one vecdot and two in-place ops; F.rms_norm runs ~7 ops)."""
-        xf = x.float()
-        return torch.linalg.vecdot(xf, xf)[:, None].add_(self._deps[x.shape[-1]]).rsqrt_()
+        (four ops; F.rms_norm runs ~7). An fp32 tensor is not even passed through .float():
+        on a CPU step of ~400 ops every dispatch shows."""
+        xf = x if x.dtype == torch.float32 else x.float()
+        return (xf * xf).sum(-1, keepdim=True).add_(self._deps[x.shape[-1]]).rsqrt_()
 
     def _rms(self, x):
         """RMSNorm without its gain, times √d (both folded into the weights that read it)."""
+        if x.dtype == torch.float32:
+            return x * self._rs(x)
         return (x.float() * self._rs(x)).to(x.dtype)
 
     @staticmethod
     def _swiglu_h(x, gate_up):
         """silu(x·W_gate) ⊙ (x·W_up), in place in the left half of one matmul's output."""
-        gu = torch.mm(x, gate_up)
-        i = gu.shape[1] // 2
-        return F.silu(gu[:, :i], inplace=True).mul_(gu[:, i:])
+        g, u = torch.mm(x, gate_up).chunk(2, 1)
+        return F.silu(g, inplace=True).mul_(u)
 
     def _expert_h(self, x, M, e):
         if M["gu"] is not None:
@@ -174,43 +177,57 @@ class PagedMLA:
         """h + shared expert(x) + Σ_k g_k · expert_k(x), accumulated by addmm/index_add_ (h, the
         step's own residual, may be updated in place)."""
         M = L["moe"]
-        w, idx, _ = M["route"].route(torch.mm(x.float(), M["router"]))
+        w, idx, _ = M["route"].route(torch.mm(x if x.dtype == torch.float32 else x.float(), M["router"]))
         down = M["down"]
         if L["gate_up"] is not None:
             h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
-        if x.shape[0] == 1:  # one token: visit only its k experts; gates as Python floats (addmm's alpha)
-            for e, g in zip(idx[0].tolist(), w[0].tolist()):
-                h = torch.addmm(h, self._expert_h(x, M, e), down[e], alpha=g)
+        N = x.shape[0]
+        if N <= 4:  # a few tokens (decode, draft verification): each visits its own k experts, its
+            # gates as Python floats (addmm's alpha) — fewer ops than grouping tokens by expert
+            rows = zip(x.chunk(N), h.chunk(N)) if N > 1 else [(x, h)]
+            for (xt, ht), es, gs in zip(rows, idx.tolist(), w.tolist()):
+                for e, g in zip(es, gs):
+                    ht.addmm_(self._expert_h(xt, M, e), down[e], alpha=g)
             return h
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
         token = order // k
-        xs = x.index_select(0, token).split(torch.bincount(flat, minlength=len(down)).tolist())
+        xs = x.index_select(0, token).split_with_sizes(torch.bincount(flat, minlength=len(down)).tolist())
         outs = [torch.mm(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
-        y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)
+        y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)  # (no-op for fp32)
         return h.index_add_(0, token, y)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + lm_head → fp32 logits (B, V)."""
-        if self.head_t is not None:
-            return torch.mm(self._rms(h), self.head_t).float()
-        return F.linear(self._rms(h) * self.norm, self.model.lm_head.weight).float()
+        return self._head(h, self.head_t, self.norm)
 
     def mtp_logits(self, j: int, h: torch.Tensor) -> torch.Tensor:
         """MTP module j's output h → its prediction (eq. 23): the shared head behind its own norm."""
         M = self.mtp[j]
-        if M["head_t"] is not None:
-            return torch.mm(self._rms(h), M["head_t"]).float()
-        return F.linear(self._rms(h) * M["gain"], self.model.lm_head.weight).float()
+        return self._head(h, M["head_t"], M["gain"])
+
+    def _head(self, h, head_t, gain):
+        z = torch.mm(self._rms(h), head_t) if head_t is not None else \
+            F.linear(self._rms(h) * gain, self.model.lm_head.weight)
+        return z if z.dtype == torch.float32 else z.float()
 
     # ------------------------------------------------------------------ the forward
-    def _prepare(self, pos, kv, groups, block_size):
-        """RoPE tables for [evens; odds] and the swapped copy, once for all layers; every group's
-        gather plan into the kept latent buffer."""
+    def _rope_tables(self, n: int, dt, dev):
+        """RoPE's cos and sin laid out for [evens; odds] and its swapped copy, for positions
+        0 … n−1 (the model's own `rotary` on them, so a step reads exactly its values)."""
+        if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].dtype != dt or self._rope[0].device != dev:
+            n = max(n, self.cfg.max_position_embeddings)
+            cos, sin = self.model.rotary(torch.arange(n, device=dev))
+            self._rope = torch.cat((cos, cos), -1).to(dt), torch.cat((-sin, sin), -1).to(dt)
+        return self._rope
+
+    def _prepare(self, pos, kv, groups, block_size, top: int):
+        """RoPE tables for [evens; odds] and the swapped copy, once for all layers (`top`: the
+        highest position); every group's gather plan into the kept latent buffer."""
         H, r, dr, dt = self.H, self.r, self.dr, kv.dtype
-        cos, sin = self.model.rotary(pos)  # (N, dr/2) fp32
-        cos2, sin2 = torch.cat((cos, cos), -1).to(dt), torch.cat((-sin, sin), -1).to(dt)
+        cos_t, sin_t = self._rope_tables(top + 1, dt, kv.device)
+        cos2, sin2 = cos_t.index_select(0, pos), sin_t.index_select(0, pos)
         rope = (cos2, sin2, cos2[:, None], sin2[:, None])
         n = max(g.table.numel() for g in groups) * block_size * (r + dr)
         if self._buf is None or self._buf.numel() < n or self._buf.dtype != dt or self._buf.device != kv.device:
@@ -228,16 +245,18 @@ class PagedMLA:
         cos2, sin2, cos_q, sin_q = rope
         x = self._rms(h)
         parts = (torch.mm(x, L["w_in"]) if L["b_in"] is None else torch.addmm(L["b_in"], x, L["w_in"])
-                 ).split(L["split"], dim=-1)
+                 ).split_with_sizes(L["split"], -1)  # (Tensor.split is a Python wrapper)
         if L["wq"] is not None:
             a, lat, lat_alt = parts
-            q, q_alt = torch.mm(self._rms(a), L["wq"]).split(L["q_split"], dim=-1)
+            q, q_alt = torch.mm(self._rms(a), L["wq"]).split_with_sizes(L["q_split"], -1)
         else:
             q, q_alt, lat, lat_alt = parts
         q = q.view(N, H, r + dr)
         q[..., r:].mul_(cos_q).addcmul_(q_alt.view(N, H, dr), sin_q)
         # [c_kv ; k_pe] ← [c_kv·rs·gain ; k_pe·cos + swap(k_pe)·sin]
-        rs = self._rs(lat[:, :r]).to(lat.dtype)
+        rs = self._rs(lat[:, :r])
+        if rs.dtype != lat.dtype:
+            rs = rs.to(lat.dtype)
         lat.mul_(torch.cat((L["kv_gain"] * rs, cos2), -1))
         lat[:, r:].addcmul_(lat_alt, sin2)
         cache.index_copy_(0, write, lat)
@@ -259,30 +278,61 @@ class PagedMLA:
         return torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
 
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, write: torch.Tensor,
-               groups: list["AttnGroup"], block_size: int) -> torch.Tensor:
+               groups: list["AttnGroup"], block_size: int, top: int) -> torch.Tensor:
         """Flat tokens — ids, pos, write slots (N,) — through every layer → hidden states (N, D),
-        before the last norm. kv is the cache (layers, slots, r+dr).
+        before the last norm. kv is the cache (layers, slots, r+dr); `top` the highest position.
 
         Everything but attention runs on the N real tokens (no padding). Attention runs per group
         of rows (`AttnGroup`): each row's queries score, in latent space, every latent of its
         sequence, gathered from the paged cache a whole block at a time (one index per block:
         the per-token gather was the costliest op of a batched decode step)."""
-        rope = self._prepare(pos, kv, groups, block_size)
+        rope = self._prepare(pos, kv, groups, block_size, top)
         h = F.embedding(ids, self.model.embed_tokens.weight)
         for i, L in enumerate(self.layers):
             h = self._layer(h, L, kv[i], write, groups, rope, block_size)
         return h
 
     def mtp_hidden(self, j: int, h_prev: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor,
-                   write: torch.Tensor, groups: list["AttnGroup"], block_size: int, copy=None) -> torch.Tensor:
+                   write: torch.Tensor, groups: list["AttnGroup"], block_size: int, top: int, copy=None
+                   ) -> torch.Tensor:
         """MTP module j (0-based) on flat rows: the previous depth's representation h_prev (N, D)
         and the embedded next tokens ids (N,) → h^j (N, D) (eqs. 21–22), its latents in cache
         layer L + j."""
         M = self.mtp[j]
-        rope = self._prepare(pos, kv, groups, block_size)
+        rope = self._prepare(pos, kv, groups, block_size, top)
         e = F.embedding(ids, self.model.embed_tokens.weight)
         h = torch.mm(torch.cat((self._rms(e), self._rms(h_prev)), -1), M["eh"])
         return self._layer(h, M["layer"], kv[len(self.layers) + j], write, groups, rope, block_size, copy)
+
+
+DECODE_WASTE = 1.5  # rows of a few new tokens share one attention call while padding (by cache length) ≤ 50%
+PREFILL_WASTE = 1.25  # prompt chunks share one while padding (by chunk length) ≤ 25%
+SHORT = 8  # rows of at most this many new tokens (decode, draft verification, drafts) group by cache length
+
+
+def pad_groups(items: list, waste: float, length) -> list[list]:
+    """Items sorted by `length` and cut into groups whose padding costs at most `waste` times
+    the real work (one attention call each: a little overhead, far less padding)."""
+    groups: list[list] = []
+    total = 0
+    for c in sorted(items, key=length):
+        n = length(c)
+        if groups and (len(groups[-1]) + 1) * n <= waste * (total + n):
+            groups[-1].append(c)
+            total += n
+        else:
+            groups.append([c])
+            total = n
+    return groups
+
+
+def attention_groups(items: list, start, count) -> list[list]:
+    """Rows of a step (`start(x)`: the first new position, `count(x)`: how many) → the groups
+    that attend together: short rows by the cache length they read, long ones by their length."""
+    short = [x for x in items if count(x) <= SHORT]
+    long = [x for x in items if count(x) > SHORT]
+    return (pad_groups(short, DECODE_WASTE, lambda x: start(x) + count(x))
+            + pad_groups(long, PREFILL_WASTE, count))
 
 
 class AttnGroup:
@@ -314,13 +364,17 @@ class AttnGroup:
                 seen &= cols >= self.lo
             self.neg = torch.where(seen, 0.0, float("-inf"))[:, None]  # (B, 1, S)
             return
-        # padded slot of each real token, and every padded query's last visible column (padding
-        # sees all columns: its output is dropped, it just must not be an all −inf row)
-        self.dst = torch.tensor([i * T + t for i, n in enumerate(self.lens) for t in range(n)], device=dev)
+        # padded slot of each real token (False: every row is T long, the tokens are the padded
+        # layout already), and every padded query's last visible column (padding sees all
+        # columns: its output is dropped, it just must not be an all −inf row)
+        tb = max(1, self.max_scores // (B * H * S))
+        if tb >= T and all(n == T for n in self.lens):
+            self.dst = False
+        else:
+            self.dst = torch.tensor([i * T + t for i, n in enumerate(self.lens) for t in range(n)], device=dev)
         last = torch.tensor([[s + t if t < n else S for t in range(T)] for s, n in zip(self.starts, self.lens)],
                             device=dev)
         neg = torch.where((cols <= last[..., None]) & (cols >= self.lo), 0.0, float("-inf"))  # (B, T, S)
-        tb = max(1, self.max_scores // (B * H * S))
         if tb >= T:  # one block: the mask pre-expanded over heads, added inside baddbmm
             self.blocks = None
             self.neg = neg[:, :, None].expand(B, T, H, S).reshape(B, T * H, S)
@@ -345,6 +399,11 @@ class AttnGroup:
             if out is None:
                 return torch.bmm(p, lat[..., :r]).view(B, H * r)
             return torch.bmm(p, lat[..., :r], out=out.view(B, H, r)).view(B, H * r)
+        if self.dst is False:  # every row T long: the tokens are already the padded layout
+            p = self._probs(q.reshape(B, T * H, w), lat, self.neg, scale)
+            if out is None:
+                return torch.bmm(p, lat[..., :r]).view(n, H * r)
+            return torch.bmm(p, lat[..., :r], out=out.view(B, T * H, r)).view(n, H * r)
         qg = q.new_zeros(B * T, H, w).index_copy_(0, self.dst, q).view(B, T * H, w)
         if self.blocks is None:
             o = torch.bmm(self._probs(qg, lat, self.neg, scale), lat[..., :r]).view(B * T, H * r)

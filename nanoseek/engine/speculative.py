@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .paged_mla import AttnGroup
+from .paged_mla import AttnGroup, attention_groups
 from .sampling import inverse_cdf, penalised, probs, uniforms
 
 DRAFT, ACCEPT = 1, 2  # uniform streams; the final token reads the ordinary stream 0
@@ -142,20 +142,30 @@ class Drafter:
         self.paged, self.cache, self.bs, self.k = paged, cache, block_size, k
         self.depth = min(k, len(paged.mtp))  # the modules used: drafts past k would be wasted
 
-    def _forward(self, j: int, fills: list[Fill], spans: list[tuple[int, int]], hidden: torch.Tensor,
-                 tokens: list[int]) -> torch.Tensor:
-        """Module j over each fill's slots lo…hi (one attention group per request: they are few
-        and short), the flat inputs `hidden` (n, D) and `tokens` (n,) in that order."""
-        dev, bs = hidden.device, self.bs
-        pos, write, groups = [], [], []
-        for f, (lo, hi) in zip(fills, spans):
-            nb = -(-(hi + 1) // bs)
-            table = torch.tensor([(f.r.blocks + [0] * nb)[:nb]], device=dev)
-            groups.append(AttnGroup(len(pos), [hi - lo + 1], [lo], table, lo=j + 1))
-            pos += range(lo - j - 1, hi - j)  # module j's entry in slot q sits at position q − j − 1 (eq. 21)
-            write += [f.r.slot(q, bs) for q in range(lo, hi + 1)]
-        return self.paged.mtp_hidden(j, hidden, torch.tensor(tokens, device=dev), torch.tensor(pos, device=dev),
-                                     self.cache.kv, torch.tensor(write, device=dev), groups, bs)
+    def _forward(self, j: int, fills: list[Fill], spans: list[tuple[int, int]], table: torch.Tensor,
+                 src: list[list[int]], tokens: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
+        """Module j over each fill's slots lo…hi, the fill's input rows `src[i]` of `table` and
+        tokens `tokens[i]` → its outputs (rows in attention-group order) and each fill's first row."""
+        dev, bs = table.device, self.bs
+        ids, rows, pos, write, groups = [], [], [], [], []
+        base = [0] * len(fills)
+        for g in attention_groups(list(range(len(fills))), lambda i: spans[i][0],
+                                  lambda i: spans[i][1] - spans[i][0] + 1):
+            nb = -(-max(spans[i][1] + 1 for i in g) // bs)
+            tab = torch.tensor([(fills[i].r.blocks + [0] * nb)[:nb] for i in g], device=dev)
+            groups.append(AttnGroup(len(ids), [spans[i][1] - spans[i][0] + 1 for i in g], [spans[i][0] for i in g],
+                                    tab, lo=j + 1))
+            for i in g:
+                lo, hi = spans[i]
+                base[i] = len(ids)
+                ids += tokens[i]
+                rows += src[i]
+                pos += range(lo - j - 1, hi - j)  # module j's entry in slot q sits at position q − j − 1 (eq. 21)
+                write += [fills[i].r.slot(q, bs) for q in range(lo, hi + 1)]
+        ids_t, pos_t, write_t, rows_t = torch.tensor([ids, pos, write, rows], device=dev)
+        out = self.paged.mtp_hidden(j, table.index_select(0, rows_t), ids_t, pos_t, self.cache.kv, write_t, groups,
+                                    bs, max(pos))
+        return out, base
 
     def _draft(self, j: int, out: torch.Tensor, fills: list[Fill]) -> list[torch.Tensor]:
         """Module j's outputs (one row per drafting fill) → each fill's next draft, drawn from its
@@ -185,14 +195,12 @@ class Drafter:
         model's hidden states of the step (rows named by `Fill.hrows`)."""
         if not fills or not self.depth:
             return
-        dev = h.device
-        # per fill: slot q → the row of `prev` that is module j's input for slot q (the output of
+        # per fill: slot q → the row of `prev` holding module j's input for slot q (the output of
         # the depth below at slot q − 1; for module 1, the main model's hidden state)
         prev, inputs = h, [{f.c + 1 + i: row for i, row in enumerate(f.hrows)} for f in fills]
         lo = [f.c + 1 for f in fills]
-        outs: list[dict[int, int]] = [{} for _ in fills]  # slot → row of module j's output
         for j in range(self.depth):
-            live, spans, src, kept, tokens = [], [], [], [], []
+            live, spans, src, tokens, kept = [], [], [], [], []
             for i, f in enumerate(fills):
                 m = len(f.tokens)
                 below = f.r.mtp_h[j - 1] if j and f.r.mtp_h else None  # the depth below's output at slot c
@@ -201,26 +209,28 @@ class Drafter:
                 hi = f.c + m + (j if f.k > j else 0)
                 if lo[i] > hi:  # nothing for this module yet (a short first chunk)
                     continue
-                live.append(i)
-                spans.append((lo[i], hi))
+                rows = []
                 for q in range(lo[i], hi + 1):
                     if q in inputs[i]:
-                        src.append(inputs[i][q])
-                    else:
-                        src.append(-1 - len(kept))
+                        rows.append(inputs[i][q])
+                    else:  # slot c + 1: the depth below's output kept from the step before
+                        rows.append(prev.shape[0] + len(kept))
                         kept.append(below)
-                    tokens.append(f.tokens[q - f.c - 1] if q <= f.c + m else f.drafts[q - f.c - m - 1])
-            table = prev if not kept else torch.cat((prev, torch.stack(kept[::-1])))
-            idx = torch.tensor([t if t >= 0 else table.shape[0] + t for t in src], device=dev)
-            out = self._forward(j, [fills[i] for i in live], spans, table.index_select(0, idx), tokens)
-            inputs, outs, base = [{} for _ in fills], [{} for _ in fills], 0
-            for i, (a, b) in zip(live, spans):
-                outs[i] = {q: base + q - a for q in range(a, b + 1)}
-                inputs[i] = {q + 1: r for q, r in outs[i].items()}
-                base += b - a + 1
-            if j < self.depth - 1:
-                for i, f in enumerate(fills):  # kept for module j + 1's first slot of the next step
-                    f.mtp_h.append(None if f.c + len(f.tokens) not in outs[i] else out[outs[i][f.c + len(f.tokens)]])
+                live.append(i)
+                spans.append((lo[i], hi))
+                src.append(rows)
+                tokens.append([f.tokens[q - f.c - 1] if q <= f.c + m else f.drafts[q - f.c - m - 1]
+                               for q in range(lo[i], hi + 1)])
+            table = torch.cat((prev, torch.stack(kept))) if kept else prev
+            out, base = self._forward(j, [fills[i] for i in live], spans, table, src, tokens)
+            outs = [{} for _ in fills]  # slot → row of module j's output
+            for i, (a, b), o in zip(live, spans, base):
+                outs[i] = {q: o + q - a for q in range(a, b + 1)}
+            inputs = [{q + 1: row for q, row in d.items()} for d in outs]
+            if j < self.depth - 1:  # kept for module j + 1's first slot of the next step
+                for i, f in enumerate(fills):
+                    row = outs[i].get(f.c + len(f.tokens))
+                    f.mtp_h.append(None if row is None else out[row])
             drafting = [i for i in live if fills[i].k > j]
             if drafting:
                 self._draft(j, out[[outs[i][fills[i].c + len(fills[i].tokens) + j] for i in drafting]],
@@ -235,7 +245,6 @@ class Drafter:
                 break
             sub = [fills[i] for i in live]
             spans = [(f.c + len(f.tokens) + s - 1,) * 2 for f in sub]
-            out = self._forward(j, sub, spans, prev.index_select(0, torch.tensor([last[i] for i in live], device=dev)),
-                                [f.drafts[-1] for f in sub])
-            self._draft(j, out, sub)
-            prev, last = out, {i: n for n, i in enumerate(live)}
+            out, base = self._forward(j, sub, spans, prev, [[last[i]] for i in live], [[f.drafts[-1]] for f in sub])
+            self._draft(j, out[base], sub)
+            prev, last = out, {i: b for i, b in zip(live, base)}
