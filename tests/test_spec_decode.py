@@ -215,3 +215,46 @@ def test_sampled_speculation_follows_the_target_distribution(drafting):
         runs[k] = (tv(counts.flatten(), joint.flatten()), eng.stats)
     assert runs[2][1]["spec_num_accepted_tokens"] > 0.3 * runs[2][1]["spec_num_draft_tokens"]
     assert runs[2][0] < 0.08 and runs[0][0] < 0.08, runs
+
+
+def test_grpo_rollouts_are_the_same_with_speculation(drafting, tok):
+    """GRPO's rollout sampler (the live policy object, refreshed before each batch) writes the
+    same greedy completions with speculation, twice in a row, G copies of each prompt."""
+    from nanoseek.tasks import ArithmeticTask
+    from nanoseek.train.grpo import EngineSampler, build_prompt
+
+    prompts = [build_prompt(p, tok, "chat") for p in ArithmeticTask().make(4, 0, split="test") for _ in range(3)]
+    got = {}
+    for k in (0, 2):
+        sampler = EngineSampler(drafting, tok, max_num_seqs=8, max_len=128, speculative_tokens=k)
+        got[k] = [[r.ids for r in sampler.generate(prompts, 20, temperature=0.0)] for _ in range(2)]
+        if k:
+            assert sampler.engine.stats["spec_num_accepted_tokens"] > 0
+    assert got[2] == got[0] and got[0][0] == got[0][1]
+
+
+def test_serve_counts_drafts_under_vllm_names(tmp_path):
+    """`nanoseek serve --speculative-tokens 2`: the scripted reply unchanged, and /metrics carries
+    the engine's draft counters under vLLM's names."""
+    import re
+
+    import httpx
+
+    from nanoseek.serve import ServeConfig, create_app
+    from nanoseek.serve.api import build_engine
+    from nanoseek.serve.testing import CONTENT, ServerThread, make_scripted_checkpoint
+
+    cfg = ServeConfig(ckpt=str(make_scripted_checkpoint(tmp_path / "scripted")), speculative_tokens=2)
+    engine = build_engine(cfg)
+    with ServerThread(create_app(engine, cfg)) as url:
+        r = httpx.post(url + "/v1/chat/completions", timeout=60, json={
+            "model": "nanoseek", "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]}).json()
+        text = httpx.get(url + "/metrics").text
+    assert r["choices"][0]["message"]["content"] == CONTENT
+    st = engine.stats
+    assert st["spec_num_drafts"] > 0
+    for name, key in (("drafts", "spec_num_drafts"), ("draft_tokens", "spec_num_draft_tokens"),
+                      ("accepted_tokens", "spec_num_accepted_tokens")):
+        assert re.search(rf"^nanoseek_spec_decode_num_{name}_total {st[key]}$", text, re.M), name
+    per_pos = re.findall(r'^nanoseek_spec_decode_num_accepted_tokens_per_pos_total\{position="(\d)"\} (\d+)$', text, re.M)
+    assert [int(v) for _, v in per_pos] == st["spec_num_accepted_tokens_per_pos"] and len(per_pos) == 2

@@ -213,6 +213,8 @@ class Engine:
         their latents came from the old weights (so, like `reset_prefix_cache`, it needs an idle engine)."""
         self.reset_prefix_cache()
         self.paged = PagedMLA(self.model)
+        if self.drafter is not None:
+            self.drafter.paged = self.paged
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)

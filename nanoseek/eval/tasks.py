@@ -30,6 +30,7 @@ class EvalConfig:
     max_tokens: int = 128
     out: str | None = field(default=None, metadata={"help": "write the result JSON here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
+    speculative_tokens: int = field(default=0, metadata={"help": "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
 
     def __post_init__(self) -> None:
         """Bad values are one line naming the flag and its range, before the checkpoint is read
@@ -37,6 +38,8 @@ class EvalConfig:
         from ..engine.engine import check_device
         from ..tasks import task_from_flags
 
+        if self.speculative_tokens < 0:
+            raise ValueError(f"--speculative-tokens {self.speculative_tokens}: must be ≥ 0 (0 = off)")
         for name in ("n", "k", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
@@ -67,9 +70,9 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     if model is None:
         path = ckpt_flag(cfg.ckpt)
         tok = Tokenizer.load(path)
-        engine = Engine(path, tok, device=cfg.device)
+        engine = Engine(path, tok, device=cfg.device, speculative_tokens=cfg.speculative_tokens)
     else:
-        engine = Engine(model, tok)
+        engine = Engine(model, tok, speculative_tokens=cfg.speculative_tokens)
     problems = task.make(cfg.n, cfg.seed, split="test")
     k = 1 if cfg.temperature <= 0 else cfg.k
     prompts, params = [], []

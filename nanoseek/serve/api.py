@@ -92,6 +92,7 @@ class ServeConfig:
     block_size: int = field(default=16, metadata={"help": "engine: KV-cache block (prefix-cache unit) in tokens"})
     cache_tokens: int | None = field(default=None, metadata={"help": "engine: KV-cache capacity in tokens"})
     enable_prefix_cache: bool = field(default=True, metadata={"help": "engine: reuse cached prompt prefixes"})
+    speculative_tokens: int = field(default=0, metadata={"help": "engine: " + "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: best available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 / bfloat16 / float16"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level", "choices": LOG_LEVELS})
@@ -109,6 +110,8 @@ class ServeConfig:
         for name in ("cache_tokens", "max_tokens_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"--speculative-tokens {self.speculative_tokens}: must be ≥ 0 (0 = off)")
         if self.max_queue < 0:
             raise ValueError(f"--max-queue {self.max_queue}: must be ≥ 0")
         if not (math.isfinite(self.keepalive_s) and self.keepalive_s > 0):
@@ -370,7 +373,8 @@ class _Server:
         self.models = {cfg.model_name: cfg.think, "deepseek-chat": False, "deepseek-reasoner": True}
         self.created = int(time.time())
         self.metrics = ServeMetrics(queue_depth=lambda: self.queue_depth(), running=lambda: engine.num_running,
-                                    in_flight=lambda: self.in_flight, cache_usage=lambda: self.cache_usage())
+                                    in_flight=lambda: self.in_flight, cache_usage=lambda: self.cache_usage(),
+                                    engine_stats=(lambda: engine.stats) if engine.speculative_tokens else None)
 
     # -------------------------------------------------------------- engine state
     def queue_depth(self) -> int:
@@ -902,7 +906,8 @@ def build_engine(cfg: ServeConfig):
                                 "checkpoint's tokenizer (save it beside the weights)")
     return Engine(ckpt, device=cfg.device, dtype=_dtype(cfg.dtype), max_num_seqs=cfg.max_num_seqs,
                   max_batch_tokens=cfg.max_batch_tokens, block_size=cfg.block_size,
-                  cache_tokens=cfg.cache_tokens, enable_prefix_cache=cfg.enable_prefix_cache)
+                  cache_tokens=cfg.cache_tokens, enable_prefix_cache=cfg.enable_prefix_cache,
+                  speculative_tokens=cfg.speculative_tokens)
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -67,6 +67,23 @@ class Gauge:
         yield self.name, (), v
 
 
+class ReadCounter:
+    """A counter kept elsewhere (the engine's), read at scrape time: `read()` → [(labels, value)]."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, read: Callable[[], list]):
+        self.name, self.help, self.read = name, help, read
+
+    def samples(self):
+        try:
+            got = self.read()
+        except Exception:  # a scrape must never fail because one reading did
+            got = [((), float("nan"))]
+        for labels, v in got:
+            yield self.name, labels, v
+
+
 class Histogram:
     kind = "histogram"
 
@@ -101,7 +118,8 @@ class ServeMetrics:
     """All the server's metrics; ``render()`` is the body of ``GET /metrics``."""
 
     def __init__(self, queue_depth: Callable[[], float], running: Callable[[], float],
-                 in_flight: Callable[[], float], cache_usage: Callable[[], float]):
+                 in_flight: Callable[[], float], cache_usage: Callable[[], float],
+                 engine_stats: Callable[[], dict] | None = None):
         p = "nanoseek_"
         self.requests = Counter(p + "requests_total", "HTTP API requests by endpoint and status code")
         self.prompt_tokens = Counter(p + "prompt_tokens_total", "prompt tokens of finished requests")
@@ -126,6 +144,21 @@ class ServeMetrics:
             Gauge(p + "kv_cache_usage_ratio", "fraction of KV-cache blocks held by requests", cache_usage),
             self.latency, self.ttft, self.queue_time,
         ]
+        if engine_stats is not None:  # speculative decoding, under vLLM's names
+            def one(key):
+                return lambda: [((), engine_stats()[key])]
+            self._all += [
+                ReadCounter(p + "spec_decode_num_drafts_total", "verifying steps of a request that carried drafts",
+                            one("spec_num_drafts")),
+                ReadCounter(p + "spec_decode_num_draft_tokens_total", "draft tokens verified",
+                            one("spec_num_draft_tokens")),
+                ReadCounter(p + "spec_decode_num_accepted_tokens_total", "draft tokens accepted",
+                            one("spec_num_accepted_tokens")),
+                ReadCounter(p + "spec_decode_num_accepted_tokens_per_pos_total",
+                            "draft tokens accepted at each draft position (0 = the first)",
+                            lambda: [((("position", str(i)),), v) for i, v in
+                                     enumerate(engine_stats()["spec_num_accepted_tokens_per_pos"])]),
+            ]
 
     def record_usage(self, prompt: int, hit: int, completion: int, reasoning: int, cost) -> None:
         self.prompt_tokens.inc(prompt)

@@ -108,6 +108,7 @@ class GRPOConfig(TrainConfig):
     eval_problems: int = field(default=200, metadata={"help": "held-out problems per evaluation"})
     eval_temperature: float = field(default=0.0, metadata={"help": "pinned eval sampling (0 = greedy)"})
     eval_seed: int = field(default=1234, metadata={"help": "pins the held-out problems and the eval samples"})
+    speculative_tokens: int = field(default=0, metadata={"help": "rollouts and evals: " + "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -150,6 +151,7 @@ def check_grpo_flags(cfg: GRPOConfig) -> None:
          f"must be a finite number ≥ --epsilon {cfg.epsilon}")
     need(cfg.eval_problems >= 1, "eval_problems", "must be ≥ 1")
     need(cfg.ref_model_sync_steps >= 0, "ref_model_sync_steps", "must be ≥ 0 (0 = never)")
+    need(cfg.speculative_tokens >= 0, "speculative_tokens", "must be ≥ 0 (0 = off)")
     task_from_flags(cfg.task, cfg.task_args)
 
 
@@ -187,12 +189,13 @@ class EngineSampler:
     samples of a prompt still share the prompt's cached blocks.
     """
 
-    def __init__(self, model, tok: Tokenizer, max_num_seqs: int, max_len: int):
+    def __init__(self, model, tok: Tokenizer, max_num_seqs: int, max_len: int, speculative_tokens: int = 0):
         from ..engine import Engine
 
         self.engine = Engine(model, tok, max_num_seqs=max_num_seqs,
                              max_batch_tokens=max(2048, max_num_seqs * 32),
-                             cache_tokens=max_num_seqs * max_len, enable_prefix_cache=True)
+                             cache_tokens=max_num_seqs * max_len, enable_prefix_cache=True,
+                             speculative_tokens=speculative_tokens)
         self.model, self.tok = model, tok
 
     def generate(self, prompts, max_tokens, temperature, top_p=1.0, seed=None, skip: int = 0) -> list[Rollout]:
@@ -471,7 +474,8 @@ def grpo(cfg: GRPOConfig, on_step=None) -> Path:
     per_rank = cfg.prompts_per_step // rt.world_size
     n_batch = per_rank * G
     sampler = EngineSampler(model, tok, max(n_batch, math.ceil(cfg.eval_problems / rt.world_size)),
-                            min(model.config.max_position_embeddings, cfg.max_completion_length + 384))
+                            min(model.config.max_position_embeddings, cfg.max_completion_length + 384),
+                            cfg.speculative_tokens)
     train_pool = task.make(max(2000, cfg.prompts_per_step * 50), cfg.seed, split="train")
     heldout = task.make(cfg.eval_problems, cfg.eval_seed, split="test")
     stream = ProblemStream(cfg.seed, ref_model)
