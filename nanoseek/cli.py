@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sft": ("nanoseek.train.sft", "SFTConfig:sft"),
     "grpo": ("nanoseek.train.grpo", "GRPOConfig:grpo"),
     "eval": ("nanoseek.eval.tasks", "EvalConfig:eval_task"),
+    "mtp-refresh": ("nanoseek.train.mtp_refresh", "MTPRefreshConfig:mtp_refresh"),
     "distill": ("nanoseek.distill.train", "DistillConfig:distill"),
     "cost": ("nanoseek.cost", "CostConfig:cost"),
     "report": ("nanoseek.report", "ReportConfig:report"),

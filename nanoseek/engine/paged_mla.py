@@ -229,17 +229,18 @@ class PagedMLA:
         cos_t, sin_t = self._rope_tables(top + 1, dt, kv.device)
         cos2, sin2 = cos_t.index_select(0, pos), sin_t.index_select(0, pos)
         rope = (cos2, sin2, cos2[:, None], sin2[:, None])
-        n = max(g.table.numel() for g in groups) * block_size * (r + dr)
+        n = max((g.table.numel() for g in groups), default=0) * block_size * (r + dr)
         if self._buf is None or self._buf.numel() < n or self._buf.dtype != dt or self._buf.device != kv.device:
             self._buf = torch.empty(n, dtype=dt, device=kv.device)
         for g in groups:
             g.prepare(self._buf, block_size, r + dr, H, r)
         return rope
 
-    def _layer(self, h, L, cache, write, groups, rope, block_size, copy=None):
+    def _layer(self, h, L, cache, write, groups, rope, block_size, keep=None):
         """One decoder layer over the flat tokens h (N, D): absorbed attention over `cache` (one
-        layer of the paged cache, its new latents written to `write`, and for `copy` = (rows,
-        slots) also to those slots), then the dense FFN or the MoE."""
+        layer of the paged cache, its new latents written to `write`), then the dense FFN or the
+        MoE. With `keep`, only those rows go on past the latents (the groups are theirs): a
+        module's last layer need not compute outputs nobody reads."""
         H, r, dr = self.H, self.r, self.dr
         N = h.shape[0]
         cos2, sin2, cos_q, sin_q = rope
@@ -260,8 +261,10 @@ class PagedMLA:
         lat.mul_(torch.cat((L["kv_gain"] * rs, cos2), -1))
         lat[:, r:].addcmul_(lat_alt, sin2)
         cache.index_copy_(0, write, lat)
-        if copy is not None:
-            cache.index_copy_(0, copy[1], lat.index_select(0, copy[0]))
+        if keep is not None:
+            if not keep.numel():
+                return h[:0]
+            q, h, N = q.index_select(0, keep), h.index_select(0, keep), keep.shape[0]
         blocks = cache.view(-1, block_size * (r + dr))
         if len(groups) == 1:
             o = groups[0].attend(q, blocks, L["scale"])
@@ -293,16 +296,16 @@ class PagedMLA:
         return h
 
     def mtp_hidden(self, j: int, h_prev: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor,
-                   write: torch.Tensor, groups: list["AttnGroup"], block_size: int, top: int, copy=None
-                   ) -> torch.Tensor:
+                   write: torch.Tensor, groups: list["AttnGroup"], block_size: int, top: int,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
         """MTP module j (0-based) on flat rows: the previous depth's representation h_prev (N, D)
         and the embedded next tokens ids (N,) → h^j (N, D) (eqs. 21–22), its latents in cache
-        layer L + j."""
+        layer L + j; with `keep`, the outputs of those rows only (`groups` are their queries')."""
         M = self.mtp[j]
         rope = self._prepare(pos, kv, groups, block_size, top)
         e = F.embedding(ids, self.model.embed_tokens.weight)
         h = torch.mm(torch.cat((self._rms(e), self._rms(h_prev)), -1), M["eh"])
-        return self._layer(h, M["layer"], kv[len(self.layers) + j], write, groups, rope, block_size, copy)
+        return self._layer(h, M["layer"], kv[len(self.layers) + j], write, groups, rope, block_size, keep)
 
 
 DECODE_WASTE = 1.5  # rows of a few new tokens share one attention call while padding (by cache length) ≤ 50%

@@ -143,29 +143,34 @@ class Drafter:
         self.depth = min(k, len(paged.mtp))  # the modules used: drafts past k would be wasted
 
     def _forward(self, j: int, fills: list[Fill], spans: list[tuple[int, int]], table: torch.Tensor,
-                 src: list[list[int]], tokens: list[list[int]]) -> tuple[torch.Tensor, list[int]]:
-        """Module j over each fill's slots lo…hi, the fill's input rows `src[i]` of `table` and
-        tokens `tokens[i]` → its outputs (rows in attention-group order) and each fill's first row."""
+                 src: list[list[int]], tokens: list[list[int]], wanted: list[tuple[int, int] | None]
+                 ) -> tuple[torch.Tensor, list[dict[int, int]]]:
+        """Module j over each fill's slots lo…hi — its input rows `src[i]` of `table`, its tokens
+        `tokens[i]` — writing every slot's latents, and computing outputs only for the slots
+        a…b of `wanted[i]` (None: none) → those outputs and, per fill, slot → output row."""
         dev, bs = table.device, self.bs
-        ids, rows, pos, write, groups = [], [], [], [], []
-        base = [0] * len(fills)
-        for g in attention_groups(list(range(len(fills))), lambda i: spans[i][0],
-                                  lambda i: spans[i][1] - spans[i][0] + 1):
-            nb = -(-max(spans[i][1] + 1 for i in g) // bs)
+        ids, rows, pos, write, first = [], [], [], [], []
+        for f, (lo, hi), s, t in zip(fills, spans, src, tokens):
+            first.append(len(ids) - lo)
+            ids += t
+            rows += s
+            pos += range(lo - j - 1, hi - j)  # module j's entry in slot q sits at position q − j − 1 (eq. 21)
+            write += [f.r.slot(q, bs) for q in range(lo, hi + 1)]
+        keep, groups, at = [], [], [{} for _ in fills]
+        asking = [i for i, w in enumerate(wanted) if w is not None]
+        for g in attention_groups(asking, lambda i: wanted[i][0], lambda i: wanted[i][1] - wanted[i][0] + 1):
+            nb = -(-max(wanted[i][1] + 1 for i in g) // bs)
             tab = torch.tensor([(fills[i].r.blocks + [0] * nb)[:nb] for i in g], device=dev)
-            groups.append(AttnGroup(len(ids), [spans[i][1] - spans[i][0] + 1 for i in g], [spans[i][0] for i in g],
+            groups.append(AttnGroup(len(keep), [wanted[i][1] - wanted[i][0] + 1 for i in g], [wanted[i][0] for i in g],
                                     tab, lo=j + 1))
             for i in g:
-                lo, hi = spans[i]
-                base[i] = len(ids)
-                ids += tokens[i]
-                rows += src[i]
-                pos += range(lo - j - 1, hi - j)  # module j's entry in slot q sits at position q − j − 1 (eq. 21)
-                write += [fills[i].r.slot(q, bs) for q in range(lo, hi + 1)]
+                for q in range(wanted[i][0], wanted[i][1] + 1):
+                    at[i][q] = len(keep)
+                    keep.append(first[i] + q)
         ids_t, pos_t, write_t, rows_t = torch.tensor([ids, pos, write, rows], device=dev)
         out = self.paged.mtp_hidden(j, table.index_select(0, rows_t), ids_t, pos_t, self.cache.kv, write_t, groups,
-                                    bs, max(pos))
-        return out, base
+                                    bs, max(pos), None if keep == list(range(len(ids))) else torch.tensor(keep, device=dev))
+        return out, at
 
     def _draft(self, j: int, out: torch.Tensor, fills: list[Fill]) -> list[torch.Tensor]:
         """Module j's outputs (one row per drafting fill) → each fill's next draft, drawn from its
@@ -200,7 +205,7 @@ class Drafter:
         prev, inputs = h, [{f.c + 1 + i: row for i, row in enumerate(f.hrows)} for f in fills]
         lo = [f.c + 1 for f in fills]
         for j in range(self.depth):
-            live, spans, src, tokens, kept = [], [], [], [], []
+            live, spans, src, tokens, kept, wanted = [], [], [], [], [], []
             for i, f in enumerate(fills):
                 m = len(f.tokens)
                 below = f.r.mtp_h[j - 1] if j and f.r.mtp_h else None  # the depth below's output at slot c
@@ -221,11 +226,13 @@ class Drafter:
                 src.append(rows)
                 tokens.append([f.tokens[q - f.c - 1] if q <= f.c + m else f.drafts[q - f.c - m - 1]
                                for q in range(lo[i], hi + 1)])
+                # the next module reads every output; the last one's only draft is read
+                wanted.append((lo[i], hi) if j < self.depth - 1 else (hi, hi) if f.k > j else None)
             table = torch.cat((prev, torch.stack(kept))) if kept else prev
-            out, base = self._forward(j, [fills[i] for i in live], spans, table, src, tokens)
+            out, got = self._forward(j, [fills[i] for i in live], spans, table, src, tokens, wanted)
             outs = [{} for _ in fills]  # slot → row of module j's output
-            for i, (a, b), o in zip(live, spans, base):
-                outs[i] = {q: o + q - a for q in range(a, b + 1)}
+            for i, d in zip(live, got):
+                outs[i] = d
             inputs = [{q + 1: row for q, row in d.items()} for d in outs]
             if j < self.depth - 1:  # kept for module j + 1's first slot of the next step
                 for i, f in enumerate(fills):
@@ -245,6 +252,8 @@ class Drafter:
                 break
             sub = [fills[i] for i in live]
             spans = [(f.c + len(f.tokens) + s - 1,) * 2 for f in sub]
-            out, base = self._forward(j, sub, spans, prev, [[last[i]] for i in live], [[f.drafts[-1]] for f in sub])
-            self._draft(j, out[base], sub)
-            prev, last = out, {i: b for i, b in zip(live, base)}
+            out, got = self._forward(j, sub, spans, prev, [[last[i]] for i in live], [[f.drafts[-1]] for f in sub],
+                                     spans)
+            rows = [d[q] for d, (q, _) in zip(got, spans)]
+            self._draft(j, out[rows], sub)
+            prev, last = out, dict(zip(live, rows))

@@ -125,16 +125,25 @@ class DeepSeekV3(nn.Module):
         return Output(loss=loss, lm_loss=lm_loss, mtp_loss=mtp_loss, balance_loss=balance, logits=logits)
 
     def mtp_loss(self, h: torch.Tensor, input_ids: torch.Tensor, targets: torch.Tensor, positions=None, mask=None,
-                 ignore_index: int = -100) -> torch.Tensor | None:
+                 ignore_index: int = -100, reuse: int = 0, train_shared: bool = True) -> torch.Tensor | None:
         """L_MTP = 1/D · Σ_k CE_k (eq. 25, before λ) from the main model's final hidden states h
         (B, T, D): module k sees h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1} (targets[:, i+k]).
 
         `positions` and a bool `mask` (B, 1, T, T) are the main forward's (packed sequences: each
         restarts at 0 and attends within itself); a pair whose h^{k-1}_i and t_{i+k} lie in
-        different sequences (mask[i+k, i] false) predicts nothing. None when T ≤ 1."""
+        different sequences (mask[i+k, i] false) predicts nothing. `reuse` > 0 adds that many
+        depths of the last module fed its own output — how speculative decoding drafts past the
+        D modules — to the mean. `train_shared=False` reads the embedding and the output head
+        (shared with the main model) without gradient: only the modules' own weights learn.
+        None when T ≤ 1."""
         losses, hk = [], h
+        embed, head = self.embed_tokens, self.lm_head
+        if not train_shared:
+            w_e, w_h = self.embed_tokens.weight.detach(), self.lm_head.weight.detach()
+            embed, head = (lambda t: F.embedding(t, w_e)), (lambda x: F.linear(x, w_h))
         T = input_ids.shape[1]
-        for k, module in enumerate(self.mtp, start=1):
+        modules = list(self.mtp) + [self.mtp[-1]] * reuse if self.mtp else []
+        for k, module in enumerate(modules, start=1):
             if T <= k:
                 break
             n = T - k  # module k's sequence: indices 0 … T−k−1
@@ -142,10 +151,10 @@ class DeepSeekV3(nn.Module):
             if mask is not None:
                 same = mask[:, 0].diagonal(-k, dim1=-2, dim2=-1)  # (B, n): mask[b, i+k, i]
                 tk = tk.masked_fill(~same, ignore_index)
-            hk = module(hk[:, :-1], input_ids[:, k:], self.embed_tokens, self.rotary,
+            hk = module(hk[:, :-1], input_ids[:, k:], embed, self.rotary,
                         positions=None if positions is None else positions[:, :n],
                         mask=None if mask is None else mask[..., :n, :n])
-            lk = module.shared_head_logits(hk, self.lm_head)
+            lk = module.shared_head_logits(hk, head)
             losses.append(F.cross_entropy(lk.flatten(0, 1).float(), tk.flatten(), ignore_index=ignore_index))
         return torch.stack(losses).mean() if losses else None
 

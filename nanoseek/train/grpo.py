@@ -108,6 +108,9 @@ class GRPOConfig(TrainConfig):
     eval_problems: int = field(default=200, metadata={"help": "held-out problems per evaluation"})
     eval_temperature: float = field(default=0.0, metadata={"help": "pinned eval sampling (0 = greedy)"})
     eval_seed: int = field(default=1234, metadata={"help": "pins the held-out problems and the eval samples"})
+    mtp_weight: float = field(default=0.0, metadata={"help": "λ of the MTP loss on the rollouts trained on (their "
+                                                     "completions, the policy's hidden states detached: the policy "
+                                                     "gradient stays GRPO's); keeps the MTP module a good draft; 0 = off"})
     speculative_tokens: int = field(default=0, metadata={"help": "rollouts and evals: " + "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
 
     def __post_init__(self) -> None:
@@ -152,6 +155,7 @@ def check_grpo_flags(cfg: GRPOConfig) -> None:
     need(cfg.eval_problems >= 1, "eval_problems", "must be ≥ 1")
     need(cfg.ref_model_sync_steps >= 0, "ref_model_sync_steps", "must be ≥ 0 (0 = never)")
     need(cfg.speculative_tokens >= 0, "speculative_tokens", "must be ≥ 0 (0 = off)")
+    need(0 <= cfg.mtp_weight < math.inf, "mtp_weight", "must be a finite number ≥ 0")
     task_from_flags(cfg.task, cfg.task_args)
 
 
@@ -235,11 +239,16 @@ class RolloutBatch:
     """Rollouts as the update's forward reads them: each distinct prompt once and every real
     token once (`SharedPrefixBatch`: a completion's last token is no input, it predicts nothing),
     the completions right-padded (N, C) as targets with their lengths, and for each target the
-    flat token whose hidden state predicts it (the prompt's last for slot 0; padding: 0)."""
+    flat token whose hidden state predicts it (the prompt's last for slot 0; padding: 0). For
+    the MTP loss, each whole sequence (prompt + completion) right-padded (N, L): the flat token
+    of every position, its id, and its next token where that is a completion token (else −100)."""
     flat: SharedPrefixBatch
     comp: torch.Tensor
     lens: torch.Tensor
     source: torch.Tensor
+    seq_rows: torch.Tensor
+    seq_ids: torch.Tensor
+    seq_targets: torch.Tensor
 
     @classmethod
     def of(cls, rollouts: list[Rollout], pad_id: int, device) -> "RolloutBatch":
@@ -252,18 +261,35 @@ class RolloutBatch:
             comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
         # row_slots is max(1, C − 1) wide, so there are always ≥ C columns to keep
         source = torch.cat((flat.last[flat.group][:, None], flat.row_slots), 1)[:, :C]
-        return cls(flat, comp.to(device), torch.tensor([len(r.ids) for r in rollouts], device=device), source)
+        starts = [0]
+        for p in index:
+            starts.append(starts[-1] + len(p))
+        L = max(len(r.prompt_ids) + len(r.ids) - 1 for r in rollouts)
+        rows = torch.zeros(len(rollouts), L, dtype=torch.long)
+        ids = torch.full((len(rollouts), L), pad_id, dtype=torch.long)
+        tgt = torch.full((len(rollouts), L), -100, dtype=torch.long)
+        for i, (r, g) in enumerate(zip(rollouts, group)):
+            P, n = len(r.prompt_ids), len(r.ids) - 1
+            rows[i, :P] = torch.arange(starts[g], starts[g] + P)
+            rows[i, P:P + n] = flat.row_slots[i, :n].cpu()
+            ids[i, :P + n] = torch.tensor((list(r.prompt_ids) + r.ids)[:P + n])
+            tgt[i, P - 1:P + n] = torch.tensor(r.ids)
+        return cls(flat, comp.to(device), torch.tensor([len(r.ids) for r in rollouts], device=device), source,
+                   rows.to(device), ids.to(device), tgt.to(device))
 
 
-def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temperature: float = 1.0):
+def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temperature: float = 1.0,
+                        hidden: torch.Tensor | None = None):
     """log π(completion token | prefix) for every completion slot, (N, C); optional entropy.
 
     One forward of the batch's real tokens, each distinct prompt once
-    (`shared_prefix_hidden_states`); the final norm, lm_head and log-softmax then run on the
-    N·C hidden states that predict completion tokens only. The logits are divided by the
-    sampling temperature, as TRL does: the policy being optimised is the one the rollouts were
-    drawn from."""
-    h = shared_prefix_hidden_states(model, b.flat).index_select(0, b.source.flatten()).unflatten(0, b.source.shape)
+    (`shared_prefix_hidden_states`, or its result `hidden`); the final norm, lm_head and
+    log-softmax then run on the N·C hidden states that predict completion tokens only. The
+    logits are divided by the sampling temperature, as TRL does: the policy being optimised is
+    the one the rollouts were drawn from."""
+    if hidden is None:
+        hidden = shared_prefix_hidden_states(model, b.flat)
+    h = hidden.index_select(0, b.source.flatten()).unflatten(0, b.source.shape)
     logits = model.lm_head(model.norm(h)).float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
@@ -274,6 +300,14 @@ def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temp
     with torch.no_grad():
         ent = -(logp_all.exp() * logp_all).sum(-1)
     return logp, ent
+
+
+def rollout_mtp_loss(model, b: RolloutBatch, hidden: torch.Tensor) -> torch.Tensor | None:
+    """V3's MTP loss (eq. 25) on the batch's whole sequences, predicting their completion
+    tokens, from the policy's flat hidden states `hidden` detached and its embedding and head
+    read without gradient: it trains the MTP module(s) to draft what the policy writes, and
+    leaves the policy's gradient to GRPO's loss."""
+    return model.mtp_loss(hidden.detach()[b.seq_rows], b.seq_ids, b.seq_targets, train_shared=False)
 
 
 # ---------------------------------------------------------------------- one step
@@ -361,7 +395,8 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
         def loss_fn(_, j: int):
             nonlocal ent_sum
             c, b, m, tok_c = chunks[j], batches[j], masks[j], toks[j]
-            logp, ent = completion_logprobs(model, b, with_entropy=(it == 0), temperature=T)
+            hidden = shared_prefix_hidden_states(model, b.flat)
+            logp, ent = completion_logprobs(model, b, with_entropy=(it == 0), temperature=T, hidden=hidden)
             loss, st = grpo_loss(logp, None if old is None else old[j], None if ref is None else ref[j],
                                  adv[c], m, loss_type=cfg.loss_type, epsilon=cfg.epsilon,
                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta,
@@ -372,11 +407,18 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
                 ent_sum += float((ent * m).sum())
                 debug_logp.append(logp.detach())
             bal = balance_loss(model) if cfg.balance_alpha else None
-            return (loss if bal is None else loss + cfg.balance_alpha * bal), {}
+            if bal is not None:
+                loss = loss + cfg.balance_alpha * bal
+            mtp = rollout_mtp_loss(model, b, hidden) if cfg.mtp_weight else None
+            if mtp is not None:
+                return loss + cfg.mtp_weight * mtp, {"mtp_loss": mtp}
+            return loss, {}
 
         step = trainer.train_step(list(range(len(batches))), loss_fn, weights=weights,
                                   advance=it == cfg.num_iterations - 1)
         agg["loss"] = agg.get("loss", 0.0) + step["loss"] / cfg.num_iterations
+        if "mtp_loss" in step:
+            agg["mtp_loss"] = agg.get("mtp_loss", 0.0) + step["mtp_loss"] / cfg.num_iterations
     if rt.distributed:  # token means over the whole batch: each rank summed its share
         names = [*LOSS_STATS, *(["kl"] if ref is not None else [])]
         *sums, ent_sum = all_reduce_sum([agg.get(k, 0.0) for k in names] + [ent_sum], rt)

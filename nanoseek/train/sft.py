@@ -10,8 +10,10 @@ Loss on assistant tokens only (render_chat's mask): the model should learn to *a
 predict the user's question. Several conversations are packed into each row so no compute is
 spent on padding; attention is block-diagonal (a conversation never sees the one packed before
 it) and positions restart at 0 for each, so a packed row trains exactly what the unpacked
-conversations would. MTP is off here (its module has no per-document mask, and SFT is about
-the main head's behaviour, not a denser pretraining signal).
+conversations would. `--mtp-weight λ` adds V3's MTP loss on the same packed rows (per-conversation
+positions and mask; a pair that spans two conversations predicts nothing), as pretraining does:
+without it the MTP module never sees the chat template, and as a speculative-decoding draft it
+falls behind the model it drafts for.
 """
 from __future__ import annotations
 
@@ -54,6 +56,8 @@ class SFTConfig(TrainConfig):
     router_gamma: float = field(default=0.0, metadata={"help": "γ of the aux-loss-free router-bias update after each step; "
                                                        "0 = off (DeepSeek ends pretraining with γ = 0)"})
     balance_alpha: float = field(default=0.0, metadata={"help": "α of the sequence-wise balance loss; 0 = off"})
+    mtp_weight: float = field(default=0.0, metadata={"help": "λ of the MTP loss on the same rows, as in pretraining "
+                                                     "(keeps the MTP module a good draft for --speculative-tokens); 0 = off"})
     pack: bool = field(default=True, metadata={"help": "pack conversations (block-diagonal attention)"})
 
     def __post_init__(self) -> None:
@@ -61,6 +65,8 @@ class SFTConfig(TrainConfig):
         seq-len the checkpoint's context holds, and a built-in data spec's knobs, all before
         anything is read beyond config.json or written."""
         super().__post_init__()
+        if not 0 <= self.mtp_weight < math.inf:
+            raise ValueError(f"--mtp-weight {self.mtp_weight}: must be a finite number ≥ 0")
         if not (0 < self.epochs < math.inf) and not self.max_steps:
             raise ValueError(f"--epochs {self.epochs}: must be a finite number > 0 (or give --max-steps)")
         ckpt = ckpt_flag(self.ckpt)
@@ -268,10 +274,16 @@ def sft_loss(model, ids, tgt, pos, doc) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
 
 
-def sft_step_loss(balance_alpha: float):
-    """loss_fn for Trainer: the assistant-token loss of a packed batch (+ α·L_Bal when α > 0)."""
+def sft_step_loss(balance_alpha: float, mtp_weight: float = 0.0):
+    """loss_fn for Trainer: the assistant-token loss of a packed batch (+ α·L_Bal when α > 0,
+    + λ·L_MTP when λ > 0: the model's own V3 loss, eqs. 20 and 25, on the packed rows)."""
 
     def fn(model, batch):
+        if mtp_weight:
+            ids, tgt, pos, doc = trim(batch)
+            out = model(ids, tgt, positions=pos, mask=attention_mask(doc), mtp_weight=mtp_weight,
+                        balance_alpha=balance_alpha)
+            return out.loss, {"sft_loss": out.lm_loss, "mtp_loss": out.mtp_loss, "balance_loss": out.balance_loss}
         loss = sft_loss(model, *batch)
         bal = balance_loss(model)
         if balance_alpha and bal is not None:
@@ -296,11 +308,11 @@ def sft(cfg: SFTConfig, on_step=None) -> Path:
     if rt.is_main:
         print(f"sft: {len(convs)} conversations → {len(rows)} rows of {cfg.seq_len} "
               f"({n_tok} assistant tokens), {cfg.max_steps} steps on {rt.device}")
-    # the MTP module gets no gradient in SFT: DDP must not wait for it
+    # without --mtp-weight the MTP module gets no gradient: DDP must not wait for it
     trainer = Trainer(cfg, model, tokenizer=tok, rt=rt,
-                      find_unused_parameters=model.config.num_nextn_predict_layers > 0)
+                      find_unused_parameters=model.config.num_nextn_predict_layers > 0 and not cfg.mtp_weight)
     data = PackedBatches(rows, cfg.batch_size, cfg.seed, rt.rank, rt.world_size)
-    out = trainer.fit(data, sft_step_loss(cfg.balance_alpha), on_step=on_step)
+    out = trainer.fit(data, sft_step_loss(cfg.balance_alpha, cfg.mtp_weight), on_step=on_step)
     if rt.is_main:
         write_report(cfg.out, title=f"sft: {cfg.data} from {cfg.ckpt}")
         print(f"sft: saved {out}")
