@@ -10,9 +10,12 @@ timed. Reported: completions/s over all timed steps, and the step split into rol
 + reward; TRL: `_generate_and_score_completions`) and update.
 
     python benchmarks/grpo.py --ckpt runs/demo/sft/model [--steps 3 --prompts 8 --G 8 --len 64 --rounds 2]
+    python benchmarks/grpo.py --ckpt runs/demo/sft/model --speculative-tokens 2 --trl false
 
-TRL is needed for this benchmark only (`pip install trl`); it generates with transformers'
-`generate` (no vLLM on CPU), nanoseek with its paged latent-cache engine.
+TRL is needed for the comparison only (`pip install trl`); it generates with transformers'
+`generate` (no vLLM on CPU), nanoseek with its paged latent-cache engine. `--speculative-tokens k`
+adds nanoseek rolling out with k MTP drafts a step (`nanoseek grpo --speculative-tokens k`) to
+the alternation, with the share of drafts kept.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def problems_for(args):
     return task.make(args.prompts * (args.steps + 1), seed=7, split="train")
 
 
-def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
+def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs, k: int = 0) -> dict:
     from nanoseek.checkpoint import load_pretrained
 
     model = load_pretrained(ckpt)
@@ -57,7 +60,7 @@ def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
                      dtype=args.dtype)  # the whole batch in one forward
     # torch's AdamW defaults, as TRL's: the same optimizer on both sides
     trainer = Trainer(cfg, model, optimizer=torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate))
-    sampler = EngineSampler(model, tok, args.prompts * args.G, args.len + 128)
+    sampler = EngineSampler(model, tok, args.prompts * args.G, args.len + 128, speculative_tokens=k)
     times, t_roll, n_tok = [], 0.0, 0
     for s in range(args.steps + 1):
         batch = [p for p in probs[s * args.prompts:(s + 1) * args.prompts] for _ in range(args.G)]
@@ -71,7 +74,7 @@ def bench_nanoseek(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
             t_roll += t1 - t0
             n_tok += sum(len(x.ids) for x in rolls)
     n = args.steps * args.prompts * args.G
-    return {"n": n, "time": sum(times), "rollout_time": t_roll, "tokens": n_tok}
+    return {"n": n, "time": sum(times), "rollout_time": t_roll, "tokens": n_tok, "stats": sampler.engine.stats}
 
 
 def bench_trl(ckpt: Path, tok: Tokenizer, args, probs) -> dict:
@@ -143,6 +146,8 @@ def main() -> None:
                     help="the update's precision on both sides (TRL: bf16=True/False); default float32, what `nanoseek grpo` uses on CPU")
     ap.add_argument("--rounds", type=int, default=2,
                     help="nanoseek, TRL, nanoseek, TRL, … (A/B/A/B, so load drift hits both alike)")
+    ap.add_argument("--speculative-tokens", type=int, default=0, help="also time nanoseek rolling out with k MTP drafts")
+    ap.add_argument("--trl", default="true", choices=["true", "false"], help="also time TRL")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,13 +156,16 @@ def main() -> None:
     ckpt = resolve_ckpt(args.ckpt)
     tok = Tokenizer.load(ckpt)
     probs = problems_for(args)
-    ns_runs, trl_runs = [], []
+    ns_runs, spec_runs, trl_runs = [], [], []
     for _ in range(args.rounds):
         ns_runs.append(bench_nanoseek(ckpt, tok, args, probs))
-        try:
-            trl_runs.append(bench_trl(ckpt, tok, args, probs))
-        except ImportError as e:
-            print(f"TRL not available ({e}); `pip install trl` to compare")
+        if args.speculative_tokens:
+            spec_runs.append(bench_nanoseek(ckpt, tok, args, probs, args.speculative_tokens))
+        if args.trl == "true":
+            try:
+                trl_runs.append(bench_trl(ckpt, tok, args, probs))
+            except ImportError as e:
+                print(f"TRL not available ({e}); `pip install trl` to compare")
     print(f"\nGRPO step throughput, {args.prompts} prompts x G={args.G}, max_completion_length={args.len}, "
           f"{args.steps} timed steps x {args.rounds} rounds (A/B/A/B), torch threads {torch.get_num_threads()}, "
           f"update in {args.dtype}")
@@ -172,6 +180,15 @@ def main() -> None:
         return n / t
 
     a = line("nanoseek", ns_runs)
+    if spec_runs:
+        k = args.speculative_tokens
+        line(f"+{k} MTP", spec_runs)
+        st = spec_runs[-1]["stats"]
+        kept = " ".join(f"{x / d:.1%}" for x, d in zip(st["spec_num_accepted_tokens_per_pos"],
+                                                     st["spec_num_draft_tokens_per_pos"]))
+        roll = sum(r["rollout_time"] for r in ns_runs) / sum(r["rollout_time"] for r in spec_runs)
+        print(f"  rollout  : x{roll:.2f} with {k} MTP drafts (drafts kept by position {kept}, mean accepted length "
+              f"{st['spec_mean_accepted_length']:.2f}, last round)")
     if trl_runs:
         b = line("TRL", trl_runs, f", reward {trl_runs[-1]['reward']:.2f}")
         print(f"  ratio    : {a / b:.2f}x")

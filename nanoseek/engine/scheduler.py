@@ -43,7 +43,7 @@ class Request:
     # speculative decoding: the drafts of the next step, their distributions (sampled requests),
     # each MTP module's output at the last real slot (the next module's first input)
     drafts: list[int] = field(default_factory=list)
-    draft_probs: object = None
+    draft_probs: list = field(default_factory=list)
     mtp_h: list = field(default_factory=list)
 
     @property
@@ -102,7 +102,7 @@ class Scheduler:
     def free(self, r: Request) -> None:
         self.blocks.release(r.blocks)
         r.blocks, r.block_keys, r.num_computed, r.shared = [], [], 0, 0
-        r.drafts, r.draft_probs, r.mtp_h = [], None, []
+        r.drafts, r.draft_probs, r.mtp_h = [], [], []
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)

@@ -91,26 +91,29 @@ def verify(logits: torch.Tensor, reqs: list, counts: list[int]) -> tuple[list[in
         k = max(counts[i] for i in sampled) - 1
         idx = [offs[i] + j for i in sampled for j in range(counts[i])]
         pr = probs(x[idx], [states[t] for t in idx])
-        S, V = len(sampled), pr.shape[-1]
-        p, q = pr.new_zeros(S, k + 1, V), pr.new_zeros(S, k, V)
-        d = torch.zeros(S, k, dtype=torch.long, device=dev)
-        ua = torch.zeros(S, k, dtype=torch.float64)
-        uf = torch.zeros(S, k + 1, dtype=torch.float64)
-        at = 0
-        for s, i in enumerate(sampled):
-            r, c, st = reqs[i], counts[i], reqs[i].sampler
-            p[s, :c] = pr[at:at + c]
+        V = pr.shape[-1]
+        zero = pr.new_zeros(1, V)
+        # (S, k+1) and (S, k) layouts, padded past a request's own drafts with a zero row
+        at, p_rows, q_list, q_rows, drafts, seeds, steps = 0, [], [], [], [], [], []
+        for i in sampled:
+            r, c = reqs[i], counts[i]
+            p_rows.append([at + j if j < c else len(idx) for j in range(k + 1)])
             at += c
-            # output positions step … step + c − 1: the tests of d_1…d_{c−1} and the final token's draw
-            uf[s, :c] = uniforms([st.seed] * c, list(range(st.step, st.step + c)))
-            if c > 1:
-                q[s, :c - 1] = r.draft_probs[:c - 1].to(q)
-                d[s, :c - 1] = torch.tensor(r.drafts[:c - 1], device=dev)
-                ua[s, :c - 1] = uniforms([st.seed] * (c - 1), list(range(st.step, st.step + c - 1)), ACCEPT)
-        n, tok = accept_drafts(p, q, d, torch.tensor([counts[i] - 1 for i in sampled], device=dev),
-                               ua.to(dev), uf.to(dev))
-        for s, i in enumerate(sampled):
-            n_acc[i], final[i] = int(n[s]), int(tok[s])
+            q_rows.append([len(q_list) + j if j < c - 1 else -1 for j in range(k)])
+            q_list += r.draft_probs[:c - 1]
+            drafts.append(r.drafts[:c - 1] + [0] * (k - c + 1))
+            seeds.append(r.sampler.seed)
+            steps.append(r.sampler.step)
+        p = torch.cat((pr, zero))[torch.tensor(p_rows, device=dev)]
+        q = torch.cat((torch.stack(q_list).to(pr), zero))[torch.tensor(q_rows, device=dev)]  # every row has drafts
+        # output positions step … step + k: the tests of d_1 … d_k and the final token's draw
+        ua = uniforms([sd for sd in seeds for _ in range(k)], [t + j for t in steps for j in range(k)], ACCEPT)
+        uf = uniforms([sd for sd in seeds for _ in range(k + 1)], [t + j for t in steps for j in range(k + 1)])
+        n, tok = accept_drafts(p, q, torch.tensor(drafts, device=dev).view(len(sampled), k),
+                               torch.tensor([counts[i] - 1 for i in sampled], device=dev),
+                               ua.view(-1, k).to(dev), uf.view(-1, k + 1).to(dev))
+        for i, a, t in zip(sampled, n.tolist(), tok.tolist()):
+            n_acc[i], final[i] = a, t
     return n_acc, [r.drafts[:n] + [t] for r, n, t in zip(reqs, n_acc, final)]
 
 
@@ -129,7 +132,7 @@ class Fill:
     k: int
     emitted: list[int]
     drafts: list[int] = field(default_factory=list)
-    draft_probs: torch.Tensor | None = None
+    draft_probs: list[torch.Tensor] = field(default_factory=list)  # (V,) each; sampled requests only
     mtp_h: list[torch.Tensor] = field(default_factory=list)
 
 
@@ -187,12 +190,12 @@ class Drafter:
             # output position of this draft: what the request has, what this step emits, the drafts before it
             t = [f.r.sampler.step + len(f.emitted) + len(f.drafts) for f in (fills[i] for i in sampled)]
             u = uniforms([fills[i].r.sampler.seed for i in sampled], t, DRAFT).to(x.device)
-            for i, tok, row in zip(sampled, inverse_cdf(pr, u).tolist(), pr):
+            for i, tok, row in zip(sampled, inverse_cdf(pr, u).tolist(), pr.unbind(0)):
                 tokens[i], q[i] = tok, row
         for f, tok, row in zip(fills, tokens, q):
             f.drafts.append(tok)
             if row is not None:
-                f.draft_probs = row[None] if f.draft_probs is None else torch.cat((f.draft_probs, row[None]))
+                f.draft_probs.append(row)
         return q
 
     def run(self, fills: list[Fill], h: torch.Tensor) -> None:
