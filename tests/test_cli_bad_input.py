@@ -31,6 +31,7 @@ TOK = ["tokenizer", "train", "--out", "{out}"]
 DIST = ["distill", "--teacher", "{ckpt}", "--student", "dense-tiny", "--data", "builtin:sft-arith?n=4", "--out", "{out}"]
 TRACES = ["distill", "traces", "--teacher", "{ckpt}", "--task", "arithmetic", "--out", "{out}"]
 PREP = ["data", "prepare", "--data", "builtin:arith?n=4", "--tokenizer", "{ckpt}", "--out", "{out}"]
+MTP = ["mtp-refresh", "--ckpt", "{ckpt}", "--out", "{out}"]
 
 # (argv, what the one stderr line must contain): {ckpt} a good checkpoint, {run} a finished run
 # directory (RUN/model), {out} a fresh path, {file} a text file, {binary} bytes that are not
@@ -211,6 +212,20 @@ ROWS: list[tuple[list[str], list[str]]] = [
     ([*EVAL, "--task-args", '{"digits": "x"}'], ["--task-args", "digits", "an integer"]),
     ([*EVAL, "--task-args", '{"chain": 1}'], ["--task-args", "chain"]),
     ([*EVAL, "--out", "{empty}"], ["--out {empty}", "is a directory"]),
+    ([*EVAL, "--speculative-tokens", "-1"], ["--speculative-tokens -1", "≥ 0"]),
+    ([*GEN, "--speculative-tokens", "-2"], ["--speculative-tokens -2", "≥ 0"]),
+    ([*SERVE, "--speculative-tokens", "-1"], ["--speculative-tokens -1", "≥ 0"]),
+    ([*GRPO, "--speculative-tokens", "-1"], ["--speculative-tokens -1", "≥ 0"]),
+    ([*GRPO, "--mtp-weight", "nan"], ["--mtp-weight nan", "finite", "≥ 0"]),
+    ([*SFT, "--mtp-weight", "-1"], ["--mtp-weight -1.0", "finite", "≥ 0"]),
+    # ------------------------------------------------------------------ mtp-refresh
+    ([*MTP, "--speculative-tokens", "0"], ["--speculative-tokens 0", "≥ 1"]),
+    ([*MTP, "--num-prompts", "0"], ["--num-prompts 0", "≥ 1"]),
+    ([*MTP, "--reuse", "-1"], ["--reuse -1", "≥ 0"]),
+    ([*MTP, "--temperature", "-0.5"], ["--temperature -0.5", "≥ 0"]),
+    ([*MTP, "--task", "nope"], ["--task 'nope'", "arithmetic"]),
+    ([*MTP, "--data", "{missing}"], ["--data {missing}", "no such file"]),
+    (["mtp-refresh", "--ckpt", "{empty}", "--out", "{out}"], ["--ckpt {empty}", "empty directory"]),
     (["eval", "--ckpt", "{ckpt}", "--task", "nope"], ["--task 'nope'", "arithmetic"]),
     (["eval", "--ckpt", "{file}", "--task", "arithmetic"], ["--ckpt {file}", "is a file"]),
     (["eval", "--ckpt", "{empty}", "--task", "arithmetic"], ["--ckpt {empty}", "empty directory"]),

@@ -122,7 +122,7 @@ def _reference_drafts(m, seq, drafts, depth):
     N = len(seq) - 1  # the last known token's index; draft j is module j's prediction at N − 1
     with torch.no_grad():
         hk = m.hidden_states(ids)
-        for j in range(1, depth + 1):
+        for j in range(1, min(depth, len(drafts)) + 1):
             mod, inp = m.mtp[j - 1], hk[:, :-1]
             hk = mod(inp, ids[:, j:], m.embed_tokens, m.rotary)
             out.append(mod.shared_head_logits(hk, m.lm_head)[0, N - 1].softmax(-1))
@@ -134,27 +134,32 @@ def _reference_drafts(m, seq, drafts, depth):
     return out
 
 
-@pytest.mark.parametrize("depth, k", [(1, 1), (2, 2), (1, 3)])
-def test_drafts_are_the_mtp_modules_predictions(depth, k):
+@pytest.mark.parametrize("depth, k, copies", [(1, 1, 1), (2, 2, 1), (1, 3, 1), (2, 2, 3)])
+def test_drafts_are_the_mtp_modules_predictions(depth, k, copies):
     """Through chunked prefill and decode steps, the engine's draft distributions are the
     model's own MTP modules' on the whole sequence (positions, history and depth chain in the
-    paged cache are the training forward's)."""
+    paged cache are the training forward's) — also for copies of one prompt in one step, whose
+    prompt is computed once and copied (GRPO's G completions)."""
     torch.manual_seed(0)
     m = DeepSeekV3(preset("tiny", num_nextn_predict_layers=depth)).eval()
-    eng = Engine(m, block_size=4, max_batch_tokens=8, speculative_tokens=k)
-    rid = eng.add_request(prompts_of([19], seed=5)[0], SamplingParams(temperature=1.0, seed=3, max_tokens=16,
-                                                                       ignore_eos=True))
+    eng = Engine(m, block_size=4, max_batch_tokens=8 if copies == 1 else 64, speculative_tokens=k,
+                 enable_prefix_cache=False)
+    p = prompts_of([19], seed=5)[0]
+    rids = [eng.add_request(p, SamplingParams(temperature=1.0, seed=3 + i, max_tokens=16, ignore_eos=True))
+            for i in range(copies)]
     checked = 0
     while eng.has_unfinished():
         eng.step()
-        r = eng._live.get(rid)
-        if r is None or not r.drafts:
-            continue
-        ref = _reference_drafts(m, list(r.all_ids), list(r.drafts), depth)
-        for j, q in enumerate(ref):
-            assert torch.allclose(r.draft_probs[j].float(), q, atol=1e-5), (len(r.all_ids), j)
-            checked += 1
-    assert checked >= 8
+        for rid in rids:
+            r = eng._live.get(rid)
+            if r is None or not r.drafts:
+                continue
+            ref = _reference_drafts(m, list(r.all_ids), list(r.drafts), depth)
+            for j, q in enumerate(ref):
+                assert torch.allclose(r.draft_probs[j].float(), q, atol=1e-5), (len(r.all_ids), j)
+                checked += 1
+    assert checked >= 8 * copies
+    assert eng.stats["prefill_tokens"] == 19  # the copies' prompt was computed once
 
 
 # ---------------------------------------------------------------------- the engine

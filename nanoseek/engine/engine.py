@@ -348,14 +348,13 @@ class Engine:
         h = self._forward(pieces) if pieces else None
         checking = [p for p in decode if len(p.ids) > 1]  # rows that verify drafts
         # the rows that sample one token: decode rows without drafts, chunks reaching the end of the prompt
-        ready = [p for p in pieces if p.r.remaining == len(p.ids) and p not in checking]
+        ready = [p for p in pieces if p.r.remaining == len(p.ids)]
         rows = [p.row0 + len(p.ids) - 1 for p in ready]
-        twins = []  # identical chunks: latents copied, next token read from their source's row
-        at = {id(p.r): p for p in ready}
-        for r, n, src in copies:
-            if id(src) in at:
-                twins.append((r, at[id(src)]))
-                rows.append(at[id(src)].row0 + n - 1)
+        # identical chunks: latents copied, their source's rows read (its last for their next token)
+        piece_of = {id(p.r): p for p in pieces}
+        copied = [(r, piece_of[id(src)]) for r, _, src in copies]
+        twins = [(r, p) for r, p in copied if p.r.remaining == len(p.ids)]
+        rows += [p.row0 + len(p.ids) - 1 for _, p in twins]
         sampling = [p.r for p in ready] + [r for r, _ in twins]
         rows += [p.row0 + j for p in checking for j in range(len(p.ids))]
         out: dict[int, tuple[list[int], list]] = {}  # request → (the tokens it emits, their logprobs)
@@ -369,7 +368,7 @@ class Engine:
             if checking:
                 reqs, counts = [p.r for p in checking], [len(p.ids) for p in checking]
                 _, emitted = verify(logits[n:], reqs, counts)
-                starts = [n + sum(counts[:i]) for i in range(len(counts))]  # row j of a request emits its token j
+                starts = [n + c for c in itertools.accumulate([0] + counts[:-1])]  # row j of a request emits its token j
                 flat = [t for e in emitted for t in e]
                 lps = token_logprobs(logits[[o + j for o, e in zip(starts, emitted) for j in range(len(e))]], flat,
                                      [r.sampler for r, e in zip(reqs, emitted) for _ in e])
@@ -377,7 +376,7 @@ class Engine:
                 for r, e in zip(reqs, emitted):
                     out[id(r)] = (e, lps[i:i + len(e)])
                     i += len(e)
-        fills = self._fills(pieces, twins, out) if self.drafter is not None else []
+        fills = self._fills(pieces, copied, out) if self.drafter is not None else []
         if fills:
             self.drafter.run(fills, h)
         # ---- commit
@@ -406,13 +405,13 @@ class Engine:
                 events.append(self._fail(r, e))
         return events
 
-    def _fills(self, pieces: list["Piece"], twins: list, out: dict) -> list[Fill]:
+    def _fills(self, pieces: list["Piece"], copied: list, out: dict) -> list[Fill]:
         """The MTP modules' work after the main forward: each request's slots after the
         positions it computed (their tokens now known: the prompt's, or what the step emits),
-        then drafts for the next step unless it ends here. A twin reads its source's hidden
-        states; a verifying row computed only its kept drafts' positions for real."""
+        then drafts for the next step unless it ends here. A copied chunk reads its source's
+        hidden states; a verifying row computed only its kept drafts' positions for real."""
         fills = []
-        for r, p in [(p.r, p) for p in pieces] + twins:
+        for r, p in [(p.r, p) for p in pieces] + copied:
             got = out.get(id(r), ([], []))[0]
             m = len(got) if r.remaining == 1 else len(p.ids)  # decode/verify: x_N and the drafts kept
             seq = r.all_ids + got

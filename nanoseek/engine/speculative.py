@@ -175,10 +175,10 @@ class Drafter:
                                     bs, max(pos), None if keep == list(range(len(ids))) else torch.tensor(keep, device=dev))
         return out, at
 
-    def _draft(self, j: int, out: torch.Tensor, fills: list[Fill]) -> list[torch.Tensor]:
-        """Module j's outputs (one row per drafting fill) → each fill's next draft, drawn from its
-        request's sampling distribution (penalties counting what came before it). Returns the
-        draft distributions of sampled requests (None for greedy ones)."""
+    def _draft(self, j: int, out: torch.Tensor, fills: list[Fill]) -> None:
+        """Module j's outputs (one row per drafting fill) → each fill's next draft: the argmax, or
+        drawn from its request's sampling distribution (penalties counting what came before it),
+        which is kept with it for the verification."""
         x = self.paged.mtp_logits(j, out)
         states = [f.r.sampler for f in fills]
         x = penalised(x, states, [f.emitted + f.drafts for f in fills])
@@ -196,7 +196,6 @@ class Drafter:
             f.drafts.append(tok)
             if row is not None:
                 f.draft_probs.append(row)
-        return q
 
     def run(self, fills: list[Fill], h: torch.Tensor) -> None:
         """Fill every module's entries for the fills' new slots and draft; `h` holds the main
@@ -231,11 +230,12 @@ class Drafter:
                                for q in range(lo[i], hi + 1)])
                 # the next module reads every output; the last one's only draft is read
                 wanted.append((lo[i], hi) if j < self.depth - 1 else (hi, hi) if f.k > j else None)
-            table = torch.cat((prev, torch.stack(kept))) if kept else prev
-            out, got = self._forward(j, [fills[i] for i in live], spans, table, src, tokens, wanted)
             outs = [{} for _ in fills]  # slot → row of module j's output
-            for i, d in zip(live, got):
-                outs[i] = d
+            if live:
+                table = torch.cat((prev, torch.stack(kept))) if kept else prev
+                out, got = self._forward(j, [fills[i] for i in live], spans, table, src, tokens, wanted)
+                for i, d in zip(live, got):
+                    outs[i] = d
             inputs = [{q + 1: row for q, row in d.items()} for d in outs]
             if j < self.depth - 1:  # kept for module j + 1's first slot of the next step
                 for i, f in enumerate(fills):
