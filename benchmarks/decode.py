@@ -9,11 +9,11 @@ With a preset, all load the same randomly initialised checkpoint (fp32 on CPU) a
 fixed number of new tokens (ignore_eos / min_new_tokens) after random prompts. With `--ckpt`, a
 trained checkpoint answers held-out chat prompts of `--task` and stops at its end-of-sequence
 token (at most --new-tokens): greedy decoding writes the same tokens on every side, so they are
-timed on the same work. Greedy, at batch 1 and at `--batch` prompts; output tokens/s counts only
-generated tokens, and time includes prefill for all. `--speculative-tokens k` adds the engine
+timed on the same work. Greedy, at batch 1 (8 prompts, one after another) and at `--batch`
+prompts together; output tokens/s counts only generated tokens, and time includes prefill for all. `--speculative-tokens k` adds the engine
 drafting k tokens a step with the MTP module(s), with the share of drafts kept at each position.
-The sides are alternated (best of --reps after a warm-up each), so a burst of load from other
-jobs hits all alike. It also prints the latent cache's bytes per token (read from the engine's
+The sides are alternated (best CPU time of --reps after a warm-up each), so a burst of load from
+other jobs hits all alike. It also prints the latent cache's bytes per token (read from the engine's
 allocation) against an expanded MHA cache of the same model, and batch-1 decode as a fraction of
 the memory-bandwidth roofline: (bytes of weights one token activates) ÷ (measured copy bandwidth).
 """
@@ -54,21 +54,23 @@ def copy_bandwidth(mb: int = 256, reps: int = 5) -> float:
 
 
 def timed(fns: dict, reps: int = 3) -> dict:
-    """Best-of-`reps` seconds of each function, alternated (a, b, c, a, b, c, ...) so that a burst
-    of load from other jobs on a shared machine hits all alike; one warm-up call each."""
+    """Best-of-`reps` CPU seconds of each function (the process's own time: a job that waits for
+    a core shared with others is not charged for the wait), alternated (a, b, c, a, b, c, ...) so
+    that a burst of load from other jobs hits all alike; one warm-up call each."""
     for fn in fns.values():
         fn()
     best = {name: float("inf") for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            t = time.perf_counter()
+            t = time.process_time()
             fn()
-            best[name] = min(best[name], time.perf_counter() - t)
+            best[name] = min(best[name], time.process_time() - t)
     return best
 
 
-def prompts_for(args, cfg, tok, n: int) -> list[list[int]]:
-    """n prompts: random token ids (a preset), or held-out chat prompts of the task (--ckpt)."""
+def prompts_for(args, cfg, tok, n: int, length: int | None = None) -> list[list[int]]:
+    """n prompts: held-out chat prompts of the task (--ckpt), or random token ids (`length`
+    long, or 8-128)."""
     if args.ckpt:
         from nanoseek.tasks import get_task
         from nanoseek.train.grpo import build_prompt
@@ -76,9 +78,7 @@ def prompts_for(args, cfg, tok, n: int) -> list[list[int]]:
         task = get_task(args.task, **json.loads(args.task_args))
         return [build_prompt(p, tok, "chat") for p in task.make(n, 1234, split="test")]
     rng = random.Random(0)
-    if n == 1:
-        return [[rng.randrange(8, cfg.vocab_size) for _ in range(32)]]
-    return [[rng.randrange(8, cfg.vocab_size) for _ in range(rng.randint(8, 128))] for _ in range(n)]
+    return [[rng.randrange(8, cfg.vocab_size) for _ in range(length or rng.randint(8, 128))] for _ in range(n)]
 
 
 def main() -> None:
@@ -122,7 +122,8 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
-    batches = {1: prompts_for(args, cfg, tok, 1), args.batch: prompts_for(args, cfg, tok, args.batch)}
+    # batch 1: 8 prompts, each alone; batch B: B prompts at once
+    batches = {1: [[p] for p in prompts_for(args, cfg, tok, 8, 32)], args.batch: [prompts_for(args, cfg, tok, args.batch)]}
     flags = " ".join(a for a in sys.argv[1:])
     print(f"$ python benchmarks/decode.py {flags}")
     print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, fp32, "
@@ -131,23 +132,26 @@ def main() -> None:
     sp = SamplingParams(max_tokens=N, temperature=0, ignore_eos=not args.ckpt)
 
     results = {}
-    for B, prompts in batches.items():
+    for B, groups in batches.items():
         made: dict[str, list] = {}
         fns = {}
         for name, eng in engines.items():
             def run(eng=eng, name=name):
-                made[name] = [o.token_ids for o in eng.generate(prompts, sp)]
+                made[name] = [o.token_ids for prompts in groups for o in eng.generate(prompts, sp)]
             fns[name] = run
 
         if hf is not None:
             def theirs():
-                L = max(map(len, prompts))
-                ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])  # left padding
-                att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
-                kw = dict(eos_token_id=tok.eos_id) if args.ckpt else dict(min_new_tokens=N)
-                with torch.inference_mode():
-                    out = hf.generate(ids, attention_mask=att, max_new_tokens=N, do_sample=False, pad_token_id=2, **kw)
-                made["transformers"] = [[t for t in row[L:].tolist()] for row in out]
+                made["transformers"] = []
+                for prompts in groups:
+                    L = max(map(len, prompts))
+                    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])  # left padding
+                    att = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+                    kw = dict(eos_token_id=tok.eos_id) if args.ckpt else dict(min_new_tokens=N)
+                    with torch.inference_mode():
+                        out = hf.generate(ids, attention_mask=att, max_new_tokens=N, do_sample=False, pad_token_id=2,
+                                          **kw)
+                    made["transformers"] += [row[L:].tolist() for row in out]
             fns["transformers"] = theirs
 
         for eng in engines.values():  # acceptance over the timed runs only
@@ -156,7 +160,7 @@ def main() -> None:
         tokens = sum(map(len, made["nanoseek"]))
         for name in engines:
             assert made[name] == made["nanoseek"], f"{name} wrote other tokens"
-        label = f"batch {B:>3} ({'1 prompt' if B == 1 else f'{B} prompts'})"
+        label = f"batch {B:>3} ({'8 prompts, one at a time' if B == 1 else f'{B} prompts'})"
         parts = []
         for name, t in best.items():
             parts.append(f"{name} {tokens / t:8.1f} tok/s" if name != "transformers" else
