@@ -10,12 +10,13 @@ fixed number of new tokens (ignore_eos / min_new_tokens) after random prompts. W
 trained checkpoint answers held-out chat prompts of `--task` and stops at its end-of-sequence
 token (at most --new-tokens): greedy decoding writes the same tokens on every side, so they are
 timed on the same work. Greedy, at batch 1 (8 prompts, one after another) and at `--batch`
-prompts together; output tokens/s counts only generated tokens, and time includes prefill for all. `--speculative-tokens k` adds the engine
-drafting k tokens a step with the MTP module(s), with the share of drafts kept at each position.
-The sides are alternated (best CPU time of --reps after a warm-up each), so a burst of load from
-other jobs hits all alike. It also prints the latent cache's bytes per token (read from the engine's
-allocation) against an expanded MHA cache of the same model, and batch-1 decode as a fraction of
-the memory-bandwidth roofline: (bytes of weights one token activates) ÷ (measured copy bandwidth).
+prompts together; output tokens/s counts only generated tokens, and time includes prefill for
+all. `--speculative-tokens k` adds the engine drafting k tokens a step with the MTP module(s),
+with the share of drafts kept at each position. The sides are alternated (best CPU time of
+--reps after a warm-up each), so a burst of load from other jobs hits all alike. It also prints
+the latent cache's bytes per token (read from the engine's allocation) against an expanded MHA
+cache of the same model, and batch-1 decode as a fraction of the memory-bandwidth roofline:
+(bytes of weights one token activates) ÷ (measured copy bandwidth).
 """
 
 from __future__ import annotations
@@ -123,7 +124,8 @@ def main() -> None:
             warnings.simplefilter("ignore")
             hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     # batch 1: 8 prompts, each alone; batch B: B prompts at once
-    batches = {1: [[p] for p in prompts_for(args, cfg, tok, 8, 32)], args.batch: [prompts_for(args, cfg, tok, args.batch)]}
+    batches = {1: [[p] for p in prompts_for(args, cfg, tok, 8, 32)],
+               args.batch: [prompts_for(args, cfg, tok, args.batch)]}
     flags = " ".join(a for a in sys.argv[1:])
     print(f"$ python benchmarks/decode.py {flags}")
     print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, fp32, "

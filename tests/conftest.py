@@ -24,3 +24,15 @@ def ckpt(tmp_path_factory, tok):
     d = tmp_path_factory.mktemp("base") / "base"
     save_pretrained(model, d, extra={"tokenizer": lambda p: tok.save(p)})
     return d
+
+
+def sharp_tiny(seed: int = 0, **overrides) -> DeepSeekV3:
+    """A random tiny model whose argmax (and expert choice) is robust to float noise: random tiny
+    models have near-tied logits, and batching/padding legitimately changes the last bits."""
+    torch.manual_seed(seed)
+    m = DeepSeekV3(preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(25)
+        for moe in m.moe_layers():
+            moe.gate.weight.mul_(20)
+    return m

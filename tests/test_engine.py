@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from nanoseek.checkpoint import save_pretrained
-from nanoseek.config import preset
+from conftest import sharp_tiny
 from nanoseek.engine import AsyncEngine, Engine, PromptTooLongError, SamplingParams
-from nanoseek.model import DeepSeekV3
 
 GREEDY = dict(temperature=0, ignore_eos=True)
 
@@ -24,18 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def sharp_tiny(seed: int = 0) -> DeepSeekV3:
-    """A random tiny model whose argmax (and expert choice) is robust to float noise: random tiny
-    models have near-tied logits, and batching/padding legitimately changes the last bits."""
-    torch.manual_seed(seed)
-    m = DeepSeekV3(preset("tiny")).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(25)
-        for moe in m.moe_layers():
-            moe.gate.weight.mul_(20)
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +248,7 @@ def test_async_engine_streams_and_cancel_aborts(tiny):
 def test_fast_decode_path_matches_the_model(overrides):
     """The folded-weight decode path (no q low-rank + YaRN; all-MoE without shared experts)
     gives the model's own greedy tokens."""
-    torch.manual_seed(3)
-    m = DeepSeekV3(preset("tiny", **overrides)).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(25)
-        for moe in m.moe_layers():
-            moe.gate.weight.mul_(20)
+    m = sharp_tiny(3, **overrides)
     prompts = prompts_of([4, 19, 9], seed=8)
     outs = Engine(m, block_size=4, max_batch_tokens=12).generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
     for p, o in zip(prompts, outs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import sharp_tiny
 from nanoseek.config import preset
 from nanoseek.engine import Engine, SamplingParams
 from nanoseek.engine.sampling import SamplerState, probs
@@ -51,21 +52,10 @@ def fit_mtp(model, prompts, new_tokens: int, steps: int = 60, lr: float = 1e-2) 
     model.zero_grad(set_to_none=True)
 
 
-def sharp(seed: int = 0, **overrides) -> DeepSeekV3:
-    """A tiny model whose argmax and expert choice are robust to float noise (see test_engine)."""
-    torch.manual_seed(seed)
-    m = DeepSeekV3(preset("tiny", vocab_size=300, **overrides)).eval()
-    with torch.no_grad():
-        m.lm_head.weight.mul_(25)
-        for moe in m.moe_layers():
-            moe.gate.weight.mul_(20)
-    return m
-
-
 @pytest.fixture(scope="module")
 def drafting():
     """The sharp tiny model, its MTP module fitted to what it writes after the test prompts."""
-    m = sharp()
+    m = sharp_tiny(vocab_size=300)
     fit_mtp(m, prompts_of([5, 21, 2, 40, 9, 33], seed=3) + prompts_of([3, 11], seed=4), 24)
     return m
 
