@@ -253,3 +253,17 @@ def test_serve_counts_drafts_under_vllm_names(tmp_path):
         assert re.search(rf"^nanoseek_spec_decode_num_{name}_total {st[key]}$", text, re.M), name
     per_pos = re.findall(r'^nanoseek_spec_decode_num_accepted_tokens_per_pos_total\{position="(\d)"\} (\d+)$', text, re.M)
     assert [int(v) for _, v in per_pos] == st["spec_num_accepted_tokens_per_pos"] and len(per_pos) == 2
+
+
+def test_seeded_speculation_is_the_same_alone_or_in_a_batch(drafting):
+    """A seeded sampled request draws its drafts, their tests and its tokens from its own
+    (seed, position) streams: the same text alone or beside others (and not a copy of another seed's)."""
+    p = prompts_of([6], seed=11)[0]
+    sp = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True)
+    alone = Engine(drafting, speculative_tokens=2).generate([p], sp)[0].token_ids
+    others = [SamplingParams(max_tokens=n, temperature=0.7, ignore_eos=True) for n in (5, 30, 9)]
+    eng = Engine(drafting, max_batch_tokens=8, speculative_tokens=2)
+    batch = eng.generate(prompts_of([3, 17, 30], seed=12) + [p], others + [sp])
+    assert batch[3].token_ids == alone and eng.stats["spec_num_accepted_tokens"] > 0
+    other = Engine(drafting, speculative_tokens=2).generate([p], SamplingParams(**{**sp.__dict__, "seed": 99}))[0]
+    assert other.token_ids != alone

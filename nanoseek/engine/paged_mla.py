@@ -217,7 +217,7 @@ class PagedMLA:
         """RoPE's cos and sin laid out for [evens; odds] and its swapped copy, for positions
         0 … n−1 (the model's own `rotary` on them, so a step reads exactly its values)."""
         if self._rope is None or self._rope[0].shape[0] < n or self._rope[0].dtype != dt or self._rope[0].device != dev:
-            n = max(n, self.cfg.max_position_embeddings)
+            n = max(n, min(4 * n, self.cfg.max_position_embeddings))  # grown in few steps
             cos, sin = self.model.rotary(torch.arange(n, device=dev))
             self._rope = torch.cat((cos, cos), -1).to(dt), torch.cat((-sin, sin), -1).to(dt)
         return self._rope
@@ -379,16 +379,16 @@ class AttnGroup:
                             device=dev)
         neg = torch.where((cols <= last[..., None]) & (cols >= self.lo), 0.0, float("-inf"))  # (B, T, S)
         if tb >= T:  # one block: the mask pre-expanded over heads, added inside baddbmm
-            self.blocks = None
+            self.qblocks = None
             self.neg = neg[:, :, None].expand(B, T, H, S).reshape(B, T * H, S)
             return
         # query blocks [a, b), each against the columns up to its last real row's (causal: the
         # rest would be −inf)
-        self.blocks = []
+        self.qblocks = []
         for a in range(0, T, tb):
             b = min(T, a + tb)
             e = min(S, max(s + min(b, n) for s, n in zip(self.starts, self.lens)))
-            self.blocks.append((a, b, e, neg[:, a:b, None, :e]))
+            self.qblocks.append((a, b, e, neg[:, a:b, None, :e]))
 
     def attend(self, q: torch.Tensor, blocks: torch.Tensor, scale: float, out: torch.Tensor | None = None
                ) -> torch.Tensor:
@@ -408,11 +408,11 @@ class AttnGroup:
                 return torch.bmm(p, lat[..., :r]).view(n, H * r)
             return torch.bmm(p, lat[..., :r], out=out.view(B, T * H, r)).view(n, H * r)
         qg = q.new_zeros(B * T, H, w).index_copy_(0, self.dst, q).view(B, T * H, w)
-        if self.blocks is None:
+        if self.qblocks is None:
             o = torch.bmm(self._probs(qg, lat, self.neg, scale), lat[..., :r]).view(B * T, H * r)
         else:
             o = q.new_empty(B, T, H, r)
-            for a, b, e, neg in self.blocks:
+            for a, b, e, neg in self.qblocks:
                 s = torch.bmm(qg[:, a * H:b * H], lat[:, :e].transpose(1, 2)).float().mul_(scale)
                 p = s.view(B, b - a, H, e).add_(neg).softmax(-1).to(q.dtype).view(B, (b - a) * H, e)
                 o[:, a:b] = torch.bmm(p, lat[:, :e, :r]).view(B, b - a, H, r)
