@@ -11,6 +11,17 @@ from nanoseek.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny
+    matmuls gain nothing from a second thread, and on a shared 2-core machine OpenMP's spinning
+    workers make them ~100× slower; restored after the module."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     texts = [c["messages"][0]["content"] + c["messages"][1]["reasoning_content"]
              for c in cold_start_sft(ArithmeticTask(), 200, 0)]

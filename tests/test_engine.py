@@ -15,14 +15,7 @@ from nanoseek.engine import AsyncEngine, Engine, PromptTooLongError, SamplingPar
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a shared 2-core machine OpenMP's
-    spinning workers make them ~100× slower; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,12 +15,7 @@ from nanoseek.train.mtp_refresh import MTPRefreshConfig, mtp_refresh
 from nanoseek.train.sft import SFTConfig, sft
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def split(model) -> tuple[dict, dict]:

@@ -16,12 +16,7 @@ from nanoseek.model import DeepSeekV3
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tv(counts: torch.Tensor, p: torch.Tensor) -> float:
