@@ -197,9 +197,10 @@ def stage_grpo(demo: Demo) -> None:
 DISTILL_STUDENT = "dense-small"
 # one sample per problem: the reasoner is nearly deterministic at temperature 1, so more samples of a
 # problem come out identical (deduplicated); more problems is what adds data
-DISTILL_TRACES = dict(n=2000, k=1, temperature=1.0, max_new_tokens=128)
-# forward KL on the traces, 32 of them (94-111 tokens each) per step, a few minutes
-DISTILL = dict(loss="kl", max_steps=600, max_minutes=5, batch_size=32, seq_len=160, learning_rate=3e-3,
+DISTILL_TRACES = dict(n=10000, k=1, temperature=1.0, max_new_tokens=128)
+# forward KL on the traces, 32 of them (94-111 tokens each) per step, ~2 epochs; the step count, not
+# the minutes, ends the run (a cosine cut short by --max-minutes ends at a high learning rate)
+DISTILL = dict(loss="kl", max_steps=600, max_minutes=15, batch_size=32, seq_len=160, learning_rate=3e-3,
                warmup_steps=30, weight_decay=0.0)
 
 
