@@ -43,17 +43,17 @@ class Demo:
         """The pretraining corpus of this seed (the held-out test keys are never in any)."""
         return f"builtin:arith?seed={self.seed}"
 
+    def __post_init__(self) -> None:
+        # the rows of an earlier invocation, read before this one rewrites the file
+        path = self.root / "summary.json"
+        self._earlier = {r["stage"]: r for r in json.loads(path.read_text())} if path.is_file() else {}
+
     def record(self, stage: str, figure: str, seconds: float | None) -> None:
         """One summary row. seconds=None: the stage was done by an earlier invocation, whose
         minutes (from RUN/summary.json) are kept."""
-        old = {r["stage"]: r for r in self._saved()}
-        minutes = round(seconds / 60, 1) if seconds is not None else old.get(stage, {}).get("minutes")
+        minutes = round(seconds / 60, 1) if seconds is not None else self._earlier.get(stage, {}).get("minutes")
         self.results.append({"stage": stage, "figure": figure, "minutes": minutes})
         (self.root / "summary.json").write_text(json.dumps(self.results, indent=2) + "\n")
-
-    def _saved(self) -> list[dict]:
-        path = self.root / "summary.json"
-        return json.loads(path.read_text()) if path.is_file() else []
 
     def write_summary(self) -> Path:
         """RUN/summary.md: the table docs/reasoning.md collects over seeds."""
@@ -252,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fresh", action="store_true", help="delete the demo directory first")
     args = ap.parse_args(argv)
     root = Path(args.root or ("runs/demo" if args.seed == 0 else f"runs/demo-seed{args.seed}"))
+    if args.fresh and root.exists():
+        shutil.rmtree(root)
     demo = Demo(root=root, seed=args.seed)
-    if args.fresh and demo.root.exists():
-        shutil.rmtree(demo.root)
     try:
         for _, run in STAGES:
             run(demo)
