@@ -238,8 +238,8 @@ def test_async_engine_streams_and_cancel_aborts(tiny):
                                          "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}),
     dict(first_k_dense_replace=0, n_shared_experts=0, n_group=1, topk_group=1),
 ])
-def test_fast_decode_path_matches_the_model(overrides):
-    """The folded-weight decode path (no q low-rank + YaRN; all-MoE without shared experts)
+def test_paged_mla_path_matches_the_model(overrides):
+    """PagedMLA's folded weights (no q low-rank + YaRN; all-MoE without shared experts)
     gives the model's own greedy tokens."""
     m = sharp_tiny(3, **overrides)
     prompts = prompts_of([4, 19, 9], seed=8)
