@@ -240,7 +240,7 @@ def test_async_engine_streams_and_cancel_aborts(tiny):
 ])
 def test_paged_mla_path_matches_the_model(overrides):
     """PagedMLA's folded weights (no q low-rank + YaRN; all-MoE without shared experts)
-    gives the model's own greedy tokens."""
+    give the model's own greedy tokens."""
     m = sharp_tiny(3, **overrides)
     prompts = prompts_of([4, 19, 9], seed=8)
     outs = Engine(m, block_size=4, max_batch_tokens=12).generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
