@@ -429,7 +429,7 @@ class _Server:
         if req.tools and req.tool_choice != "none":
             spec = json.dumps([t.function.model_dump(exclude_none=True) for t in req.tools], ensure_ascii=False)
             msgs.insert(0, {"role": "system", "content": f"Available tools (JSON): {spec}"})
-        think = think_default if req.thinking is None else req.thinking
+        think = think_default if req.think() is None else req.think()
         if req.messages[-1].prefix:  # chat prefix completion: continue the assistant's text as it is
             ids = self.tok.render_chat(msgs[:-1], add_generation_prompt=True)[0]
             return ids + self.tok.encode(msgs[-1]["content"], allow_special=False), False

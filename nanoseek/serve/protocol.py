@@ -59,6 +59,12 @@ class ResponseFormat(_Lenient):
     type: Literal["text", "json_object"] = "text"
 
 
+class Thinking(_Lenient):
+    """DeepSeek's ``thinking: {"type": "enabled" | "disabled"}``; the boolean form means the same."""
+
+    type: Literal["enabled", "disabled"]
+
+
 class FunctionDef(_Lenient):
     name: str = Field(min_length=1, max_length=64)
     description: str | None = None
@@ -111,8 +117,23 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    # nanoseek extension: pre-open "<think>\n" in the generation prompt (None = server default)
-    thinking: bool | None = None
+    # pre-open "<think>\n" in the generation prompt: DeepSeek's object or nanoseek's boolean (None = server default)
+    thinking: bool | Thinking | None = None
+
+    @field_validator("thinking", mode="before")
+    @classmethod
+    def _thinking(cls, v):
+        # one error naming the field, not one per member of the union
+        if v is None or isinstance(v, (bool, Thinking)):
+            return v
+        if isinstance(v, dict) and v.get("type") in ("enabled", "disabled"):
+            return Thinking(**v)
+        raise ValueError('expected true, false or {"type": "enabled" | "disabled"}')
+
+    def think(self) -> bool | None:
+        if isinstance(self.thinking, Thinking):
+            return self.thinking.type == "enabled"
+        return self.thinking
 
 
 class CompletionRequest(_SamplingFields):
