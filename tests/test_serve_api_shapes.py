@@ -62,3 +62,55 @@ def test_bad_thinking_is_422_naming_the_field(srv, bad):
     assert r.status_code == 422
     err = r.json()["error"]
     assert err["param"] == "thinking" and '"enabled"' in err["message"]
+
+
+# ------------------------------------------------------------------------------ /tokenize, /detokenize
+def test_tokenize_prompt_counts_what_completions_prefills(srv):
+    r = srv.http.post("/tokenize", json={"model": "nanoseek", "prompt": "Let me think"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == srv.tok.encode("Let me think", True, False)
+    assert body["count"] == len(body["tokens"]) and body["max_model_len"] == srv.engine.max_context
+    done = srv.client.completions.create(model="nanoseek", prompt="Let me think", max_tokens=1, temperature=0)
+    assert done.usage.prompt_tokens == body["count"]
+    plain = srv.http.post("/tokenize", json={"prompt": "Let me think", "add_special_tokens": False}).json()
+    assert plain["tokens"] == body["tokens"][1:]  # without <|bos|>
+
+
+def test_tokenize_messages_counts_what_chat_prefills(srv):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    body = srv.http.post("/tokenize", json={"messages": msgs, "model": "deepseek-reasoner"}).json()
+    assert body["tokens"] == srv.tok.render_chat(msgs, True, think=True)[0]
+    chat = srv.client.chat.completions.create(model="deepseek-reasoner", messages=msgs, temperature=0, max_tokens=1)
+    assert chat.usage.prompt_tokens == body["count"]
+    off = srv.http.post("/tokenize", json={"messages": msgs, "thinking": {"type": "disabled"}}).json()
+    assert off["tokens"] == srv.tok.render_chat(msgs, True, think=False)[0]
+    bare = srv.http.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == srv.tok.render_chat(msgs, False)[0]
+    assert bare["tokens"][-1] != srv.tok.assistant_id and off["tokens"][-1] == srv.tok.assistant_id
+
+
+def test_detokenize_round_trip(srv):
+    ids = srv.tok.render_chat([{"role": "user", "content": "Hello there"}], True, think=True)[0]
+    r = srv.http.post("/detokenize", json={"model": "nanoseek", "tokens": ids})
+    assert r.status_code == 200 and r.json() == {"prompt": srv.tok.decode(ids)}
+    assert r.json()["prompt"].endswith("<|assistant|><think>\n")
+    assert srv.http.post("/detokenize", json={"tokens": []}).json() == {"prompt": ""}
+
+
+def test_tokenize_errors(srv):
+    vocab = srv.tok.vocab_size
+    r = srv.http.post("/detokenize", json={"tokens": [1, vocab, -3]})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["param"] == "tokens" and str(vocab) in err["message"] and "-3" in err["message"]
+    for body, param in (({}, "prompt"), ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "messages")):
+        r = srv.http.post("/tokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    r = srv.http.post("/tokenize", json={"prompt": "x", "model": "gpt-9"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_found"
+    r = srv.http.post("/tokenize", json={"prompt": "x", "thinking": "maybe"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "thinking"
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
+        assert httpx.post(srv.url + path, json=body).status_code == 401
+        assert httpx.post(srv.url + path, json=body, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401

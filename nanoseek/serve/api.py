@@ -43,8 +43,9 @@ from .metrics import ServeMetrics
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionRequest,
                        CompletionResponse, CompletionTokensDetails, Cost, DeltaMessage, ErrorBody,
-                       ErrorResponse, ModelCard, ModelList, PromptTokensDetails, ResponseMessage,
-                       TokenLogprob, TopLogprob, Usage, new_id)
+                       DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
+                       PromptTokensDetails, ResponseMessage, TokenizeRequest, TokenizeResponse, TokenLogprob,
+                       TopLogprob, Usage, new_id)
 from .reasoning import CONTENT, REASONING, ThinkSplitter, count_reasoning_tokens
 
 log = logging.getLogger("nanoseek.serve")
@@ -260,7 +261,7 @@ class _StatusRecorder:
         finally:
             path = scope.get("path", "")
             known = ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
-                     "/v1/models", "/models", "/health", "/metrics", "/")
+                     "/v1/models", "/models", "/tokenize", "/detokenize", "/health", "/metrics", "/")
             self.metrics.requests.inc(endpoint=path if path in known else "other", status=str(status["code"]))
 
 
@@ -410,8 +411,9 @@ class _Server:
                            "model_not_found", param="model")
         return self.models[name]
 
-    def render_chat(self, req: ChatCompletionRequest, think_default: bool) -> tuple[list[int], bool]:
-        """Messages → prompt ids, and whether the generation starts inside <think>."""
+    def render_chat(self, req, think_default: bool, add_generation_prompt: bool = True) -> tuple[list[int], bool]:
+        """Messages (of a chat or a /tokenize request) → prompt ids, and whether the generation
+        starts inside <think>."""
         msgs: list[dict] = []
         for i, m in enumerate(req.messages):
             if m.reasoning_content is not None:
@@ -433,7 +435,15 @@ class _Server:
         if req.messages[-1].prefix:  # chat prefix completion: continue the assistant's text as it is
             ids = self.tok.render_chat(msgs[:-1], add_generation_prompt=True)[0]
             return ids + self.tok.encode(msgs[-1]["content"], allow_special=False), False
+        if not add_generation_prompt:
+            return self.tok.render_chat(msgs, add_generation_prompt=False)[0], False
         return self.tok.render_chat(msgs, add_generation_prompt=True, think=think)[0], think
+
+    def check_token_ids(self, ids: list[int], param: str, status: int) -> None:
+        bad = [t for t in ids if not 0 <= t < self.tok.vocab_size]
+        if bad:
+            raise APIError(status, f"{param}: token ids out of range [0, {self.tok.vocab_size}): {bad[:5]}",
+                           "invalid_parameter", param=param)
 
     def sampling_params(self, req, prompt_len: int, logprobs: bool, top_logprobs: int):
         from nanoseek.engine import SamplingParams
@@ -647,10 +657,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
             raise APIError(422, "suffix (fill-in-the-middle) is not supported: nanoseek's tokenizer has no FIM "
                            "tokens", "invalid_parameter", param="suffix")
         if not isinstance(req.prompt, str):
-            bad = [t for t in req.prompt if not 0 <= t < srv.tok.vocab_size]
-            if bad:
-                raise APIError(422, f"prompt token ids out of range [0, {srv.tok.vocab_size}): {bad[:5]}",
-                               "invalid_parameter", param="prompt")
+            srv.check_token_ids(req.prompt, "prompt", 422)
         ticket = srv.admit()
         try:
             if isinstance(req.prompt, str):
@@ -667,6 +674,29 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         finally:
             if not ticket.handed_over:  # a streamed response releases it when the stream ends
                 ticket.release()
+
+    # ---------------------------------------------------------------- vLLM's token counting
+    @app.post("/tokenize", dependencies=auth, response_model=TokenizeResponse,
+              responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+    async def tokenize(req: TokenizeRequest):
+        check_unicode(req)
+        think = srv.check_model(req.model if req.model is not None else cfg.model_name)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send exactly one of prompt (a string) and messages", "invalid_body",
+                           param="prompt" if req.prompt is None else "messages")
+        if req.prompt is not None:
+            ids = await asyncio.to_thread(srv.tok.encode, req.prompt, req.add_special_tokens, False)
+        else:
+            ids = (await asyncio.to_thread(srv.render_chat, req, think, req.add_generation_prompt))[0]
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_context)
+
+    @app.post("/detokenize", dependencies=auth, response_model=DetokenizeResponse,
+              responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}})
+    async def detokenize(req: DetokenizeRequest):
+        if req.model is not None:
+            srv.check_model(req.model)
+        srv.check_token_ids(req.tokens, "tokens", 400)
+        return DetokenizeResponse(prompt=srv.tok.decode(req.tokens))
 
     # ---------------------------------------------------------------- the web page
     @app.get("/", include_in_schema=False)

@@ -109,14 +109,12 @@ class _SamplingFields(_Lenient):
         return v
 
 
-class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
-    response_format: ResponseFormat | None = None
+class _ChatPrompt(_Lenient):
+    """What the chat template renders besides the messages: shared by chat and /tokenize, so that
+    /tokenize counts exactly the ids a chat request would prefill."""
+
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
     # pre-open "<think>\n" in the generation prompt: DeepSeek's object or nanoseek's boolean (None = server default)
     thinking: bool | Thinking | None = None
 
@@ -134,6 +132,40 @@ class ChatCompletionRequest(_SamplingFields):
         if isinstance(self.thinking, Thinking):
             return self.thinking.type == "enabled"
         return self.thinking
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatPrompt):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    response_format: ResponseFormat | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class TokenizeRequest(_ChatPrompt):
+    """vLLM's /tokenize: ``prompt`` (encoded as /v1/completions encodes it) or ``messages``
+    (rendered as /v1/chat/completions renders them); exactly one of the two."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True  # prompt only: the leading <|bos|>
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class CompletionRequest(_SamplingFields):
