@@ -114,3 +114,83 @@ def test_tokenize_errors(srv):
     for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1]})):
         assert httpx.post(srv.url + path, json=body).status_code == 401
         assert httpx.post(srv.url + path, json=body, headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
+
+
+# ------------------------------------------------------------------------------ list prompts
+def _complete(srv, **kw):
+    body = {"model": "nanoseek", "max_tokens": 2, "temperature": 0, **kw}
+    r = srv.http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _ids(srv, text):
+    return srv.tok.encode(text, True, False)  # as /v1/completions encodes a string prompt
+
+
+@pytest.mark.parametrize("shape", ["strings", "token lists", "mixed order"])
+def test_list_prompts_one_choice_each_in_order_usage_summed(srv, shape):
+    prompts = {"strings": ["Let", "The", "Let"],
+               "token lists": [_ids(srv, "Let"), _ids(srv, "The"), _ids(srv, "Let")],
+               "mixed order": ["The", "Let", "The"]}[shape]
+    body = _complete(srv, prompt=prompts)
+    want = {"Let": " me think", "The": " answer is"}
+    names = ["The", "Let", "The"] if shape == "mixed order" else ["Let", "The", "Let"]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in body["choices"]] == [want[n] for n in names]
+    assert all(c["finish_reason"] == "length" for c in body["choices"])
+    u = body["usage"]
+    assert u["prompt_tokens"] == sum(len(_ids(srv, n)) for n in names)
+    assert u["completion_tokens"] == 6 and u["total_tokens"] == u["prompt_tokens"] + 6
+    assert u["prompt_cache_hit_tokens"] + u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
+
+
+def test_single_token_list_is_one_prompt(srv):
+    body = _complete(srv, prompt=_ids(srv, "Let"))
+    assert [c["text"] for c in body["choices"]] == [" me think"]
+    assert body["usage"]["prompt_tokens"] == len(_ids(srv, "Let"))
+
+
+def test_list_prompts_echo_and_logprobs(srv):
+    body = _complete(srv, prompt=["Let", "The"], echo=True, logprobs=1)
+    assert [c["text"] for c in body["choices"]] == ["Let me think", "The answer is"]
+    ids = _complete(srv, prompt=[_ids(srv, "Let"), _ids(srv, "The")], echo=True)
+    # a token list is echoed as it decodes, <|bos|> included
+    assert [c["text"] for c in ids["choices"]] == [srv.tok.decode(_ids(srv, "Let")) + " me think",
+                                                  srv.tok.decode(_ids(srv, "The")) + " answer is"]
+    lps = [c["logprobs"] for c in body["choices"]]
+    assert [lp["tokens"] for lp in lps] == [[" me", " think"], [" answer", " is"]]
+    assert all(-1.0 < x <= 0.0 for lp in lps for x in lp["token_logprobs"])  # the scripted chain's margin
+
+
+def test_list_prompts_stream_by_index(srv):
+    body = {"model": "nanoseek", "max_tokens": 2, "temperature": 0, "prompt": ["Let", "The"], "stream": True,
+            "stream_options": {"include_usage": True}}
+    texts, finish, usage = {}, {}, None
+    with srv.http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for ln in r.iter_lines():
+            if not ln.startswith("data: ") or ln == "data: [DONE]":
+                continue
+            chunk = json.loads(ln[len("data: "):])
+            usage = chunk.get("usage") or usage
+            for c in chunk["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+                finish[c["index"]] = c["finish_reason"] or finish.get(c["index"])
+    assert texts == {0: " me think", 1: " answer is"} and finish == {0: "length", 1: "length"}
+    assert usage["completion_tokens"] == 4
+    assert usage["prompt_tokens"] == len(_ids(srv, "Let")) + len(_ids(srv, "The"))
+
+
+def test_openai_client_list_prompts(srv):
+    r = srv.client.completions.create(model="nanoseek", prompt=["Let", "The"], max_tokens=2, temperature=0)
+    assert [(c.index, c.text) for c in r.choices] == [(0, " me think"), (1, " answer is")]
+
+
+@pytest.mark.parametrize("prompt, param", [([], "prompt"), ([""], "prompt"), ([[]], "prompt"),
+                                           (["x"] * 65, "prompt"), ([[1], [10**6]], "prompt[1]"),
+                                           ([1, 10**6], "prompt")])
+def test_bad_list_prompts_are_422_naming_the_field(srv, prompt, param):
+    r = srv.http.post("/v1/completions", json={"model": "nanoseek", "prompt": prompt})
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["param"] == param

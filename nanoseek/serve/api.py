@@ -27,7 +27,7 @@ import os
 import re
 import time
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -479,10 +479,7 @@ class _Server:
                            "rate_limit_exceeded", headers={"Retry-After": "1"})
         return _Admission(self)
 
-    def usage(self, ev, completion_ids: list[int], in_think: bool) -> Usage:
-        prompt, hit = int(ev.num_prompt_tokens), int(ev.cached_tokens)
-        completion = int(ev.num_completion_tokens)
-        reasoning = count_reasoning_tokens(completion_ids, self.tok.end_think_id, self.tok.think_id, in_think)
+    def usage(self, prompt: int, hit: int, completion: int, reasoning: int) -> Usage:
         c = self.cfg
         cost_hit, cost_miss = hit * c.price_cache_hit / 1e6, (prompt - hit) * c.price_cache_miss / 1e6
         cost_out = completion * c.price_output / 1e6
@@ -635,12 +632,12 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
             # off the event loop: a long prompt's tokenization must not stall /health or other streams
             prompt_ids, in_think = await asyncio.to_thread(srv.render_chat, req, think)
             top = req.top_logprobs or 0
-            params = srv.sampling_params(req, len(prompt_ids), req.logprobs or top > 0, top)
+            jobs = _jobs(srv, req, [prompt_ids], req.logprobs or top > 0, top)
             rid = new_id("chatcmpl")
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return _sse(_chat_stream(srv, req, rid, prompt_ids, params, in_think, include_usage), ticket)
-            return await _until_disconnect(request, _chat_full(srv, req, rid, prompt_ids, params, in_think))
+                return _sse(_chat_stream(srv, req, rid, jobs, in_think, include_usage), ticket)
+            return await _until_disconnect(request, _chat_full(srv, req, rid, jobs, in_think))
         finally:
             if not ticket.handed_over:  # a streamed response releases it when the stream ends
                 ticket.release()
@@ -656,21 +653,22 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         if req.suffix is not None:
             raise APIError(422, "suffix (fill-in-the-middle) is not supported: nanoseek's tokenizer has no FIM "
                            "tokens", "invalid_parameter", param="suffix")
-        if not isinstance(req.prompt, str):
-            srv.check_token_ids(req.prompt, "prompt", 422)
+        prompts = req.prompts()
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                srv.check_token_ids(p, "prompt" if isinstance(req.prompt[0], int) else f"prompt[{i}]", 422)
         ticket = srv.admit()
         try:
-            if isinstance(req.prompt, str):
-                prompt_ids = await asyncio.to_thread(srv.tok.encode, req.prompt, True, False)
-            else:
-                prompt_ids = list(req.prompt)
+            texts = [p for p in prompts if isinstance(p, str)]
+            encoded = iter(await asyncio.to_thread(srv.tok.encode_batch, texts, True, False) if texts else [])
+            prompt_ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
             top = req.logprobs or 0
-            params = srv.sampling_params(req, len(prompt_ids), req.logprobs is not None, top)
+            jobs = _jobs(srv, req, prompt_ids, req.logprobs is not None, top)
             rid = new_id("cmpl")
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return _sse(_completion_stream(srv, req, rid, prompt_ids, params, include_usage), ticket)
-            return await _until_disconnect(request, _completion_full(srv, req, rid, prompt_ids, params))
+                return _sse(_completion_stream(srv, req, rid, jobs, include_usage), ticket)
+            return await _until_disconnect(request, _completion_full(srv, req, rid, jobs))
         finally:
             if not ticket.handed_over:  # a streamed response releases it when the stream ends
                 ticket.release()
@@ -756,101 +754,188 @@ async def _until_disconnect(request: Request, coro):
                 await task
 
 
-class _Run:
-    """One generation's accounting, shared by the four response bodies: it holds a place in
-    ``in_flight`` while open and keeps what has been generated current, so that closing it — also
-    from the ``finally`` of a request cancelled mid-way (client gone) — meters what it used."""
+MAX_CHOICES = 64  # prompts × n in one request: each is a sequence in the engine
 
-    def __init__(self, srv: _Server, in_think: bool):
-        self.srv, self.in_think = srv, in_think
+
+@dataclass
+class _Job:
+    """One choice to generate: which of the request's prompts it continues, its ids, its sampling."""
+
+    prompt: int
+    ids: list[int]
+    params: Any
+
+
+def _jobs(srv: "_Server", req, prompts: list[list[int]], logprobs: bool, top: int) -> list[_Job]:
+    """``n`` choices per prompt, in OpenAI's order (choice ``index`` = prompt × n + j); with a seed,
+    choice k samples with seed + k, so each choice has its own stream and the request repeats.
+    The copies go to the engine together, which computes their shared prefill once."""
+    if len(prompts) * req.n > MAX_CHOICES:
+        raise APIError(400, f"{len(prompts)} prompt(s) × n={req.n} is more than {MAX_CHOICES} choices in one "
+                       "request: send fewer prompts or a smaller n", "invalid_request_error", param="n")
+    jobs = []
+    for p, ids in enumerate(prompts):
+        params = srv.sampling_params(req, len(ids), logprobs, top)
+        for _ in range(req.n):
+            seed = None if req.seed is None else (req.seed + len(jobs) + 2**63) % 2**64 - 2**63
+            jobs.append(_Job(p, ids, replace(params, seed=seed)))
+    return jobs
+
+
+class _Run:
+    """One request's generations and their accounting, shared by the four response bodies: it
+    holds a place in ``in_flight`` while open and keeps what each choice has generated current,
+    so that closing it — also from the ``finally`` of a request cancelled mid-way (client gone) —
+    meters what it used."""
+
+    def __init__(self, srv: _Server, in_think: bool, jobs: list[_Job], rid: str):
+        self.srv, self.in_think, self.jobs, self.rid = srv, in_think, jobs, rid
         self.t0, self.t_first = time.perf_counter(), None
-        self.ids: list[int] = []
-        self.ev: Any = None
+        self.ids: list[list[int]] = [[] for _ in jobs]
+        self.evs: list[Any] = [None for _ in jobs]
         self._usage: Usage | None = None
 
     def __enter__(self) -> "_Run":
         return self
 
     def __exit__(self, *exc) -> None:
-        usage = self.usage() if self.ev is not None else None
-        self.srv.finish_metrics(usage, self.t0, self.t_first, aborted=not (self.ev is not None and self.ev.finished))
+        started = any(ev is not None for ev in self.evs)
+        done = all(ev is not None and ev.finished for ev in self.evs)
+        self.srv.finish_metrics(self.usage() if started else None, self.t0, self.t_first, aborted=not done)
 
-    def add(self, ev) -> bool:
-        """Record an engine event; True when it carries the first generated token."""
+    def add(self, k: int, ev) -> bool:
+        """Record choice k's engine event; True when it carries the request's first generated token."""
         first = self.t_first is None and bool(ev.token_ids)
         if first:
             self.t_first = time.perf_counter()
-        self.ids += list(ev.token_ids)
-        self.ev = ev
+        self.ids[k] += list(ev.token_ids)
+        self.evs[k] = ev
         return first
 
     def usage(self) -> Usage:
+        """Each prompt counted once (as its first choice's prefill found the cache), every choice's
+        completion tokens added."""
         if self._usage is None:
-            self._usage = self.srv.usage(self.ev, self.ids, self.in_think)
+            prompt = hit = completion = reasoning = 0
+            seen: set[int] = set()
+            tok = self.srv.tok
+            for job, ev, ids in zip(self.jobs, self.evs, self.ids):
+                if ev is None:
+                    continue
+                if job.prompt not in seen:
+                    seen.add(job.prompt)
+                    prompt, hit = prompt + int(ev.num_prompt_tokens), hit + int(ev.cached_tokens)
+                completion += int(ev.num_completion_tokens)
+                reasoning += count_reasoning_tokens(ids, tok.end_think_id, tok.think_id, self.in_think)
+            self._usage = self.srv.usage(prompt, hit, completion, reasoning)
         return self._usage
 
-    async def collect(self, prompt_ids, params, rid) -> tuple[str, list[TokenLogprob]]:
-        """Run a non-streamed generation to its end: its text and (if asked) its logprobs."""
-        text, lps = [], []
-        async for ev in self.srv.events(prompt_ids, params, rid, keepalive=False):
-            self.add(ev)
-            text.append(ev.text_delta)
-            if params.logprobs:
-                lps += self.srv.logprobs(ev)
-        if self.ev is None:
+    async def stream(self, keepalive: bool):
+        """Every choice's events as they come, as ``(k, event)``, interleaved; None every
+        ``keepalive_s`` while none arrives. Leaving early aborts every choice still generating."""
+        queue: asyncio.Queue = asyncio.Queue()
+        one = len(self.jobs) == 1
+
+        async def pump(k: int, job: _Job):
+            try:
+                async for ev in self.srv.events(job.ids, job.params, self.rid if one else f"{self.rid}-{k}",
+                                                keepalive=False):
+                    queue.put_nowait((k, ev, None))
+            except Exception as e:
+                queue.put_nowait((k, None, e))
+                return
+            queue.put_nowait((k, None, None))
+
+        tasks = [asyncio.ensure_future(pump(k, job)) for k, job in enumerate(self.jobs)]
+        get = None
+        try:
+            left = len(tasks)
+            while left:
+                if get is None:
+                    get = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({get}, timeout=self.srv.cfg.keepalive_s if keepalive else None)
+                if not done:
+                    yield None
+                    continue
+                (k, ev, err), get = get.result(), None
+                if err is not None:
+                    raise err
+                if ev is None:
+                    left -= 1
+                    continue
+                yield k, ev
+        finally:
+            pending = [t for t in (*tasks, get) if t is not None and not t.done()]
+            for t in pending:
+                t.cancel()  # a pump's cancelled events() closes its engine stream: the request is aborted
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def collect(self) -> tuple[list[str], list[list[TokenLogprob]]]:
+        """Run a non-streamed request to its end: each choice's text and (if asked) logprobs."""
+        texts: list[list[str]] = [[] for _ in self.jobs]
+        lps: list[list[TokenLogprob]] = [[] for _ in self.jobs]
+        async for k, ev in self.stream(keepalive=False):
+            self.add(k, ev)
+            texts[k].append(ev.text_delta)
+            if self.jobs[k].params.logprobs:
+                lps[k] += self.srv.logprobs(ev)
+        if any(ev is None for ev in self.evs):
             raise APIError(500, "the engine returned no output", "internal_error")
-        return "".join(text), lps
+        return ["".join(t) for t in texts], lps
 
 
-async def _chat_full(srv: _Server, req, rid, prompt_ids, params, in_think):
-    with _Run(srv, in_think) as run:
-        text, lps = await run.collect(prompt_ids, params, rid)
-        splitter = ThinkSplitter(in_think)
-        pieces = splitter.feed(text) + splitter.flush()
-        reasoning = "".join(t for k, t in pieces if k == REASONING)
-        content = "".join(t for k, t in pieces if k == CONTENT)
-        msg = ResponseMessage(content=content, reasoning_content=reasoning if splitter.saw_think else None)
-        return ChatCompletionResponse(
-            id=rid, model=req.model, usage=run.usage(),
-            choices=[ChatChoice(message=msg, finish_reason=run.ev.finish_reason,
-                                logprobs=ChoiceLogprobs(content=lps) if params.logprobs else None)])
+async def _chat_full(srv: _Server, req, rid, jobs, in_think):
+    with _Run(srv, in_think, jobs, rid) as run:
+        texts, lps = await run.collect()
+        choices = []
+        for k, text in enumerate(texts):
+            splitter = ThinkSplitter(in_think)
+            pieces = splitter.feed(text) + splitter.flush()
+            reasoning = "".join(t for kind, t in pieces if kind == REASONING)
+            content = "".join(t for kind, t in pieces if kind == CONTENT)
+            msg = ResponseMessage(content=content, reasoning_content=reasoning if splitter.saw_think else None)
+            choices.append(ChatChoice(index=k, message=msg, finish_reason=run.evs[k].finish_reason,
+                                      logprobs=ChoiceLogprobs(content=lps[k]) if jobs[k].params.logprobs else None))
+        return ChatCompletionResponse(id=rid, model=req.model, usage=run.usage(), choices=choices)
 
 
-async def _chat_stream(srv: _Server, req, rid, prompt_ids, params, in_think, include_usage):
+async def _chat_stream(srv: _Server, req, rid, jobs, in_think, include_usage):
     created = int(time.time())
-    splitter = ThinkSplitter(in_think)
+    splitters = [ThinkSplitter(in_think) for _ in jobs]
 
-    def chunk(delta: DeltaMessage, finish=None, lps=None):
+    def chunk(k: int, delta: DeltaMessage, finish=None, lps=None):
         return _data(ChatCompletionChunk(
             id=rid, created=created, model=req.model,
-            choices=[ChatChunkChoice(delta=delta, finish_reason=finish,
+            choices=[ChatChunkChoice(index=k, delta=delta, finish_reason=finish,
                                      logprobs=ChoiceLogprobs(content=lps) if lps else None)]))
 
-    def pieces_out(pieces, lps=None):
+    def pieces_out(k, pieces, lps=None):
         for kind, text in pieces:
             delta = DeltaMessage(reasoning_content=text) if kind == REASONING else DeltaMessage(content=text)
-            yield chunk(delta, lps=lps)
+            yield chunk(k, delta, lps=lps)
             lps = None
 
-    with _Run(srv, in_think) as run:
+    with _Run(srv, in_think, jobs, rid) as run:
         try:
-            yield chunk(DeltaMessage(role="assistant", content=""))
-            async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
-                if ev is None:
+            for k in range(len(jobs)):
+                yield chunk(k, DeltaMessage(role="assistant", content=""))
+            async for item in run.stream(keepalive=True):
+                if item is None:
                     yield ": keep-alive\n\n"
                     continue
-                if run.add(ev):
+                k, ev = item
+                if run.add(k, ev):
                     srv.metrics.queue_time.observe(run.t_first - run.t0)
-                lps = srv.logprobs(ev) if params.logprobs else None
-                for c in pieces_out(splitter.feed(ev.text_delta), lps):
+                lps = srv.logprobs(ev) if jobs[k].params.logprobs else None
+                for c in pieces_out(k, splitters[k].feed(ev.text_delta), lps):
                     yield c
                 if ev.finished:
-                    for c in pieces_out(splitter.flush()):
+                    for c in pieces_out(k, splitters[k].flush()):
                         yield c
-                    yield chunk(DeltaMessage(), finish=ev.finish_reason)
-                    if include_usage:
-                        yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
-                                                        usage=run.usage()))
+                    yield chunk(k, DeltaMessage(), finish=ev.finish_reason)
+            if include_usage:
+                yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
+                                                usage=run.usage()))
             yield _data("[DONE]")
         except Exception as e:  # after the 200 went out, an error can only travel inside the stream
             yield _stream_error(e)
@@ -869,21 +954,26 @@ def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
             "top_logprobs": [{t.token: t.logprob for t in x.top_logprobs} for x in lps]}
 
 
-async def _completion_full(srv: _Server, req, rid, prompt_ids, params):
-    with _Run(srv, False) as run:
-        out, lps = await run.collect(prompt_ids, params, rid)
-        if req.echo:
-            out = (req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt)) + out
-        return CompletionResponse(id=rid, model=req.model, usage=run.usage(), choices=[CompletionChoice(
-            text=out, finish_reason=run.ev.finish_reason,
-            logprobs=_completion_logprobs(lps) if params.logprobs else None)])
+def _echo(srv: _Server, req, job: _Job) -> str:
+    prompt = req.prompts()[job.prompt]
+    return prompt if isinstance(prompt, str) else srv.tok.decode(prompt)
 
 
-async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include_usage):
+async def _completion_full(srv: _Server, req, rid, jobs):
+    with _Run(srv, False, jobs, rid) as run:
+        texts, lps = await run.collect()
+        choices = [CompletionChoice(index=k, text=(_echo(srv, req, job) if req.echo else "") + text,
+                                    finish_reason=run.evs[k].finish_reason,
+                                    logprobs=_completion_logprobs(lps[k]) if job.params.logprobs else None)
+                   for k, (job, text) in enumerate(zip(jobs, texts))]
+        return CompletionResponse(id=rid, model=req.model, usage=run.usage(), choices=choices)
+
+
+async def _completion_stream(srv: _Server, req, rid, jobs, include_usage):
     created = int(time.time())
 
-    def chunk(text, finish=None, usage=None, lps=None):
-        choices = [] if usage is not None else [{"index": 0, "text": text, "finish_reason": finish,
+    def chunk(k, text, finish=None, usage=None, lps=None):
+        choices = [] if usage is not None else [{"index": k, "text": text, "finish_reason": finish,
                                                  "logprobs": lps}]
         body = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices}
@@ -891,20 +981,22 @@ async def _completion_stream(srv: _Server, req, rid, prompt_ids, params, include
             body["usage"] = usage.model_dump()
         return _data(json.dumps(body, ensure_ascii=False))
 
-    with _Run(srv, False) as run:
+    with _Run(srv, False, jobs, rid) as run:
         try:
             if req.echo:
-                yield chunk(req.prompt if isinstance(req.prompt, str) else srv.tok.decode(req.prompt))
-            async for ev in srv.events(prompt_ids, params, rid, keepalive=True):
-                if ev is None:
+                for k, job in enumerate(jobs):
+                    yield chunk(k, _echo(srv, req, job))
+            async for item in run.stream(keepalive=True):
+                if item is None:
                     yield ": keep-alive\n\n"
                     continue
-                run.add(ev)
-                lps = _completion_logprobs(srv.logprobs(ev)) if params.logprobs else None
+                k, ev = item
+                run.add(k, ev)
+                lps = _completion_logprobs(srv.logprobs(ev)) if jobs[k].params.logprobs else None
                 if ev.text_delta or ev.finished:
-                    yield chunk(ev.text_delta, ev.finish_reason if ev.finished else None, lps=lps)
-                if ev.finished and include_usage:
-                    yield chunk("", usage=run.usage())
+                    yield chunk(k, ev.text_delta, ev.finish_reason if ev.finished else None, lps=lps)
+            if include_usage:
+                yield chunk(0, "", usage=run.usage())
             yield _data("[DONE]")
         except Exception as e:
             yield _stream_error(e)

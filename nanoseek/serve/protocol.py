@@ -169,10 +169,30 @@ class DetokenizeResponse(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[int] = Field(min_length=1)
+    # OpenAI's four shapes: a string, a list of strings, a token list, a list of token lists
+    prompt: str | list[str] | list[int] | list[list[int]]
     suffix: str | None = None  # FIM (beta); nanoseek's tokenizer has no FIM tokens, so rejected
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        # one error naming the field (a lone surrogate is check_unicode's 400, not a 422 here)
+        if not v:
+            raise ValueError("the prompt is empty")
+        if isinstance(v, list) and not isinstance(v[0], int):
+            if len(v) > 64:
+                raise ValueError(f"{len(v)} prompts: at most 64 in one request")
+            if any(not p for p in v):
+                raise ValueError("a prompt of the list is empty")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, one per entry: a string or a token list."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
 
 # ------------------------------------------------------------------------------ responses
