@@ -194,3 +194,77 @@ def test_bad_list_prompts_are_422_naming_the_field(srv, prompt, param):
     r = srv.http.post("/v1/completions", json={"model": "nanoseek", "prompt": prompt})
     assert r.status_code == 422, r.text
     assert r.json()["error"]["param"] == param
+
+
+# ------------------------------------------------------------------------------ n
+def _chat_n(srv, **kw):
+    kw.setdefault("temperature", 0)
+    return srv.client.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "Hello there"}],
+                                              **kw)
+
+
+def _texts(r):
+    return [(c.message.model_extra.get("reasoning_content") if c.message.model_extra else None,
+             c.message.content) for c in r.choices]
+
+
+def test_n_greedy_choices_are_identical_usage_counts_the_prompt_once(srv):
+    r = _chat_n(srv, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.message.content == CONTENT and c.finish_reason == "stop" for c in r.choices)
+    assert {c.message.model_extra["reasoning_content"] for c in r.choices} == {REASONING}
+    prompt = srv.tok.render_chat([{"role": "user", "content": "Hello there"}], True)[0]
+    u = r.usage
+    assert u.prompt_tokens == len(prompt) and u.completion_tokens == 3 * CHAIN_LEN
+    assert u.total_tokens == len(prompt) + 3 * CHAIN_LEN
+    assert u.completion_tokens_details.reasoning_tokens == 3 * 6
+
+
+def test_n_sampled_choice_k_is_seed_plus_k(srv):
+    kw = {"temperature": 1.8, "max_tokens": 12}
+    r = _chat_n(srv, n=3, seed=40, **kw)
+    singles = [_texts(_chat_n(srv, seed=40 + k, **kw))[0] for k in range(3)]
+    assert _texts(r) == singles
+    assert len(set(singles)) > 1  # different seeds' texts
+    assert _texts(_chat_n(srv, n=3, seed=40, **kw)) == singles  # the request repeats
+    assert r.usage.completion_tokens == sum(c.usage.completion_tokens for c in
+                                            (_chat_n(srv, seed=40 + k, **kw) for k in range(3)))
+
+
+def test_n_stream_interleaves_choices_by_index(srv):
+    kw = {"temperature": 1.8, "max_tokens": 12, "seed": 40}
+    full = _chat_n(srv, n=3, **kw)
+    want = _texts(full)
+    stream = _chat_n(srv, n=3, stream=True, stream_options={"include_usage": True}, **kw)
+    order, got, finish, usage = [], {}, {}, None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            rc = (c.delta.model_extra or {}).get("reasoning_content")
+            r0, c0 = got.get(c.index, (None, ""))
+            if rc:
+                r0 = (r0 or "") + rc
+            got[c.index] = (r0, c0 + (c.delta.content or ""))
+            if rc or c.delta.content:
+                order.append(c.index)
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert [got[k] for k in range(3)] == [(r or None, t) for r, t in want]
+    assert set(finish) == {0, 1, 2} and all(finish.values())
+    assert order != sorted(order)  # the choices' chunks interleave as the engine decodes them together
+    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, full.usage.completion_tokens)
+
+
+def test_n_with_list_prompts_orders_prompt_major(srv):
+    body = _complete(srv, prompt=["Let", "The"], n=2)
+    assert [(c["index"], c["text"]) for c in body["choices"]] == [
+        (0, " me think"), (1, " me think"), (2, " answer is"), (3, " answer is")]
+    u = body["usage"]
+    assert u["prompt_tokens"] == len(_ids(srv, "Let")) + len(_ids(srv, "The")) and u["completion_tokens"] == 8
+
+
+def test_n_bounds(srv):
+    r = _chat(srv, n=17)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+    assert "16" in r.json()["error"]["message"]
+    r = srv.http.post("/v1/completions", json={"model": "nanoseek", "prompt": ["a"] * 5, "n": 16})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "64" in r.json()["error"]["message"]

@@ -102,7 +102,7 @@ def _req(**kw):
 
 @pytest.mark.parametrize("field,value", [("temperature", 2.01), ("temperature", -0.1), ("top_p", 1.5),
                                          ("frequency_penalty", 2.5), ("presence_penalty", -3),
-                                         ("max_tokens", 0), ("top_logprobs", 21), ("n", 2),
+                                         ("max_tokens", 0), ("top_logprobs", 21), ("n", 0), ("n", 17),
                                          ("stop", [str(i) for i in range(17)]), ("stop", [""])])
 def test_out_of_range_fields_are_rejected(field, value):
     with pytest.raises(ValidationError) as e:

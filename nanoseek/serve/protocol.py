@@ -89,7 +89,7 @@ class _SamplingFields(_Lenient):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
-    n: int = Field(1, ge=1, le=1)  # one choice per request; more would multiply cost silently
+    n: int = Field(1, ge=1, le=16)  # choices per prompt; bounded, as each is a sequence in the engine
     user: str | None = None
     # nanoseek / vLLM extensions
     top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = off
