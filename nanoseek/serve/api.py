@@ -501,44 +501,25 @@ class _Server:
         return {"token": text, "logprob": float(logprob), "bytes": list(text.encode())}
 
     # -------------------------------------------------------------- generation
-    async def events(self, prompt_ids, params, request_id: str, keepalive: bool):
-        """Yield StreamEvents, or None every ``keepalive_s`` while no event arrives (for SSE comments).
-
-        The engine stream is advanced in a task that survives the keep-alive timeouts: cancelling
-        ``__anext__`` on a timeout would abort the request it is waiting for.
-        """
+    async def events(self, prompt_ids, params, request_id: str):
+        """One request's StreamEvents, engine errors mapped to API errors. Closing it early (a
+        cancelled task, a client gone) aborts the request and frees its KV blocks."""
         from nanoseek.engine.engine import PromptTooLongError, RequestFailedError
 
-        it = self.aengine.generate_stream(prompt_ids, params, request_id=request_id).__aiter__()
-        pending = None
+        it = self.aengine.generate_stream(prompt_ids, params, request_id=request_id)
         try:
-            while True:
-                if pending is None:
-                    pending = asyncio.ensure_future(it.__anext__())
-                done, _ = await asyncio.wait({pending}, timeout=self.cfg.keepalive_s if keepalive else None)
-                if not done:
-                    yield None
-                    continue
-                task, pending = pending, None
-                try:
-                    ev = task.result()
-                except StopAsyncIteration:
-                    return
-                except PromptTooLongError as e:  # the engine's own bound, should the check above drift
-                    raise APIError(400, str(e), "context_length_exceeded", param="messages") from None
-                except RequestFailedError as e:  # this request alone failed; the engine serves on
-                    log.error("%s", e)
-                    raise APIError(500, str(e), "internal_error") from None
+            async for ev in it:
                 yield ev
                 if ev.finished:
                     return
+        except PromptTooLongError as e:  # the engine's own bound, should the check above drift
+            raise APIError(400, str(e), "context_length_exceeded", param="messages") from None
+        except RequestFailedError as e:  # this request alone failed; the engine serves on
+            log.error("%s", e)
+            raise APIError(500, str(e), "internal_error") from None
         finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                with suppress(BaseException):
-                    await pending
             with suppress(Exception):
-                await it.aclose()  # unfinished: the engine aborts the request and frees its blocks
+                await it.aclose()  # unfinished: the engine aborts the request
 
     def finish_metrics(self, usage: Usage | None, t0: float, t_first: float | None, aborted: bool) -> None:
         m = self.metrics
@@ -838,8 +819,7 @@ class _Run:
 
         async def pump(k: int, job: _Job):
             try:
-                async for ev in self.srv.events(job.ids, job.params, self.rid if one else f"{self.rid}-{k}",
-                                                keepalive=False):
+                async for ev in self.srv.events(job.ids, job.params, self.rid if one else f"{self.rid}-{k}"):
                     queue.put_nowait((k, ev, None))
             except Exception as e:
                 queue.put_nowait((k, None, e))
