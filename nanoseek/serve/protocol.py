@@ -6,9 +6,10 @@ names are the contract. Validation here is what turns a bad parameter into a 422
 the field, instead of an exception deep in the sampler.
 
 Bounds follow the DeepSeek/OpenAI docs: temperature in [0, 2], top_p in [0, 1], penalties in
-[-2, 2], at most 16 stop sequences, top_logprobs in [0, 20]. A few nanoseek extensions
-(``top_k``, ``repetition_penalty``, ``ignore_eos``, ``thinking``) are optional and named as
-vLLM names them, so the same client code works against both.
+[-2, 2], at most 16 stop sequences, top_logprobs in [0, 20], n in [1, 16]. ``thinking`` takes
+DeepSeek's object and nanoseek's boolean. A few extensions (``top_k``, ``repetition_penalty``,
+``ignore_eos``, ``/tokenize``'s bodies) are optional and named as vLLM names them, so the same
+client code works against both.
 """
 
 from __future__ import annotations
