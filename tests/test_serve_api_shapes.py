@@ -159,8 +159,10 @@ def test_list_prompts_echo_and_logprobs(srv):
     assert [c["text"] for c in ids["choices"]] == [srv.tok.decode(_ids(srv, "Let")) + " me think",
                                                   srv.tok.decode(_ids(srv, "The")) + " answer is"]
     lps = [c["logprobs"] for c in body["choices"]]
-    assert [lp["tokens"] for lp in lps] == [[" me", " think"], [" answer", " is"]]
-    assert all(-1.0 < x <= 0.0 for lp in lps for x in lp["token_logprobs"])  # the scripted chain's margin
+    # echo: the prompt's tokens (the first unscored) before the completion's
+    assert [lp["tokens"] for lp in lps] == [["<|bos|>", "Let", " me", " think"], ["<|bos|>", "The", " answer", " is"]]
+    assert all(lp["token_logprobs"][0] is None for lp in lps)
+    assert all(-1.0 < x <= 0.0 for lp in lps for x in lp["token_logprobs"][2:])  # the scripted chain's margin
 
 
 def test_list_prompts_stream_by_index(srv):

@@ -2,7 +2,7 @@
 
 One background thread runs `Engine.step()` while there is work and sleeps when there is none;
 each request gets an asyncio.Queue that the thread feeds with `call_soon_threadsafe`. A lock
-serialises the engine: adds and aborts land between steps, never inside one. Cancelling or
+serialises the engine: adds, aborts and prompt scoring land between steps, never inside one. Cancelling or
 closing a stream (a client that disconnects) aborts its request, which frees its cache blocks.
 A request that fails inside the engine (finish_reason "error") raises RequestFailedError in its
 own stream only; the engine isolates it and serves the others on.
@@ -82,6 +82,11 @@ class AsyncEngine:
                 if not finished:
                     self.engine.abort(rid)
                     self._cv.notify()
+
+    def score(self, prompt_ids: list[int], top: int = 0) -> tuple[list[float], list[dict[int, float]]]:
+        """`Engine.score` between two steps (blocking: run it with asyncio.to_thread)."""
+        with self._cv:
+            return self.engine.score(prompt_ids, top)
 
     def shutdown(self) -> None:
         """Stop the step thread (after the step in flight); requests still running are aborted."""

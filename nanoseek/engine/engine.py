@@ -497,6 +497,20 @@ class Engine:
         return self.paged.hidden(ids, pos, self.cache.kv, write, attn, bs, max(p.start + len(p.ids) for p in pieces))
 
     # ------------------------------------------------------------------ conveniences
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], top: int = 0) -> tuple[list[float], list[dict[int, float]]]:
+        """Log-probs of a prompt's own tokens, log p(t_i | t_<i) for i = 1…T−1 (float32), and the
+        `top` most likely tokens at each of those positions: what evaluation harnesses read to score
+        a text. One plain forward of the model, outside the paged cache, so no request is touched;
+        call it between steps (AsyncEngine.score)."""
+        ids = torch.tensor([[int(i) for i in prompt_ids]], device=self.device)
+        lp = self.model(ids)[0, :-1].float().log_softmax(-1)  # position i predicts token i + 1
+        values = lp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        if not top:
+            return values, [{} for _ in values]
+        v, i = lp.topk(min(top, lp.shape[-1]), dim=-1)
+        return values, [dict(zip(a, b)) for a, b in zip(i.tolist(), v.tolist())]
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Run all prompts to completion (batched, continuous) → outputs in the prompts' order."""

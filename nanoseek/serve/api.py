@@ -634,6 +634,12 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         if req.suffix is not None:
             raise APIError(422, "suffix (fill-in-the-middle) is not supported: nanoseek's tokenizer has no FIM "
                            "tokens", "invalid_parameter", param="suffix")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(422, "max_tokens 0 is only allowed with echo: true (it scores the prompt without "
+                           "generating); otherwise max_tokens must be ≥ 1", "invalid_parameter", param="max_tokens")
+        if req.stream and req.echo and (req.logprobs is not None or req.max_tokens == 0):
+            raise APIError(400, "echo with logprobs or with max_tokens 0 (prompt scoring) is not supported when "
+                           "streaming: send it with stream: false", "invalid_request_error", param="stream")
         prompts = req.prompts()
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
@@ -929,9 +935,23 @@ def _stream_error(e: Exception) -> str:
     return _data(json.dumps(e.body().model_dump())) + _data("[DONE]")
 
 
-def _completion_logprobs(lps: list[TokenLogprob]) -> dict[str, Any]:
-    return {"tokens": [x.token for x in lps], "token_logprobs": [x.logprob for x in lps],
-            "top_logprobs": [{t.token: t.logprob for t in x.top_logprobs} for x in lps]}
+def _completion_logprobs(lps: list[TokenLogprob], start: int = 0, prompt: dict | None = None) -> dict[str, Any]:
+    """OpenAI's legacy ``logprobs`` of the completion's tokens, whose text begins at character
+    ``start`` of the choice's text; with echo, after the ``prompt``'s entries."""
+    tokens = [x.token for x in lps]
+    offsets = [start + n for n in _starts(tokens)]
+    out = {"tokens": tokens, "token_logprobs": [x.logprob for x in lps],
+           "top_logprobs": [{t.token: t.logprob for t in x.top_logprobs} for x in lps], "text_offset": offsets}
+    return out if prompt is None else {k: prompt[k] + v for k, v in out.items()}
+
+
+def _starts(tokens: list[str]) -> list[int]:
+    """Where each token's text begins in their concatenation."""
+    at, out = 0, []
+    for t in tokens:
+        out.append(at)
+        at += len(t)
+    return out
 
 
 def _echo(srv: _Server, req, job: _Job) -> str:
@@ -939,14 +959,49 @@ def _echo(srv: _Server, req, job: _Job) -> str:
     return prompt if isinstance(prompt, str) else srv.tok.decode(prompt)
 
 
+async def _prompt_logprobs(srv: _Server, req, jobs: list[_Job]) -> dict[int, dict[str, Any]]:
+    """Each prompt's own token log-probs (OpenAI's and vLLM's ``echo`` with ``logprobs``): entry i
+    is log p(t_i | t_<i) from one forward of the model, the first null (nothing predicts it). A
+    string prompt's text is the string itself: the ``<|bos|>`` the server put before it is listed
+    but spans none of the text (its offset 0, the next token's too)."""
+    out: dict[int, dict[str, Any]] = {}
+    for job in jobs:
+        if job.prompt in out:
+            continue
+        values, tops = await asyncio.to_thread(srv.aengine.score, job.ids, req.logprobs)
+        tokens = [srv.tok.decode([t]) for t in job.ids]
+        added = isinstance(req.prompts()[job.prompt], str)  # encoded with a leading <|bos|>
+        offsets = [0] + _starts(tokens[1:]) if added else _starts(tokens)
+        out[job.prompt] = {"tokens": tokens, "token_logprobs": [None] + values, "text_offset": offsets,
+                           "top_logprobs": [None] + [{srv.tok.decode([t]): v for t, v in top.items()} for top in tops]}
+    return out
+
+
 async def _completion_full(srv: _Server, req, rid, jobs):
+    scored = await _prompt_logprobs(srv, req, jobs) if req.echo and req.logprobs is not None else {}
+    if req.max_tokens == 0:  # echo only (checked): the prompt scored, nothing generated
+        return _scored_only(srv, req, rid, jobs, scored)
     with _Run(srv, False, jobs, rid) as run:
         texts, lps = await run.collect()
-        choices = [CompletionChoice(index=k, text=(_echo(srv, req, job) if req.echo else "") + text,
-                                    finish_reason=run.evs[k].finish_reason,
-                                    logprobs=_completion_logprobs(lps[k]) if job.params.logprobs else None)
-                   for k, (job, text) in enumerate(zip(jobs, texts))]
+        choices = []
+        for k, (job, text) in enumerate(zip(jobs, texts)):
+            echo = _echo(srv, req, job) if req.echo else ""
+            logprobs = _completion_logprobs(lps[k], len(echo), scored.get(job.prompt)) if job.params.logprobs else None
+            choices.append(CompletionChoice(index=k, text=echo + text, finish_reason=run.evs[k].finish_reason,
+                                            logprobs=logprobs))
         return CompletionResponse(id=rid, model=req.model, usage=run.usage(), choices=choices)
+
+
+def _scored_only(srv: _Server, req, rid, jobs: list[_Job], scored: dict[int, dict]) -> CompletionResponse:
+    """``max_tokens: 0`` with echo: each choice is its prompt, ``finish_reason`` "length" (the
+    budget of zero tokens is spent), usage counts each prompt once and no completion tokens."""
+    t0 = time.perf_counter()
+    choices = [CompletionChoice(index=k, text=_echo(srv, req, job), finish_reason="length",
+                                logprobs=_completion_logprobs([], 0, scored[job.prompt]) if scored else None)
+               for k, job in enumerate(jobs)]
+    usage = srv.usage(sum(len(job.ids) for job in {j.prompt: j for j in jobs}.values()), 0, 0, 0)
+    srv.finish_metrics(usage, t0, None, aborted=False)
+    return CompletionResponse(id=rid, model=req.model, usage=usage, choices=choices)
 
 
 async def _completion_stream(srv: _Server, req, rid, jobs, include_usage):
@@ -961,6 +1016,7 @@ async def _completion_stream(srv: _Server, req, rid, jobs, include_usage):
             body["usage"] = usage.model_dump()
         return _data(json.dumps(body, ensure_ascii=False))
 
+    at = [0 for _ in jobs]  # where each choice's next token begins in its text (text_offset)
     with _Run(srv, False, jobs, rid) as run:
         try:
             if req.echo:
@@ -972,7 +1028,10 @@ async def _completion_stream(srv: _Server, req, rid, jobs, include_usage):
                     continue
                 k, ev = item
                 run.add(k, ev)
-                lps = _completion_logprobs(srv.logprobs(ev)) if jobs[k].params.logprobs else None
+                lps = None
+                if jobs[k].params.logprobs:  # never with echo (refused when streaming)
+                    lps = _completion_logprobs(srv.logprobs(ev), at[k])
+                    at[k] += sum(len(t) for t in lps["tokens"])
                 if ev.text_delta or ev.finished:
                     yield chunk(k, ev.text_delta, ev.finish_reason if ev.finished else None, lps=lps)
             if include_usage:

@@ -172,6 +172,8 @@ class DetokenizeResponse(BaseModel):
 class CompletionRequest(_SamplingFields):
     # OpenAI's four shapes: a string, a list of strings, a token list, a list of token lists
     prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 only with echo: score the prompt without generating (evaluation harnesses' log-likelihood requests)
+    max_tokens: int | None = Field(None, ge=0)
     suffix: str | None = None  # FIM (beta); nanoseek's tokenizer has no FIM tokens, so rejected
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
