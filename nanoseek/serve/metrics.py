@@ -59,29 +59,25 @@ class Gauge:
     def __init__(self, name: str, help: str, read: Callable[[], float]):
         self.name, self.help, self.read = name, help, read
 
-    def samples(self):
-        try:
-            v = float(self.read())
-        except Exception:  # a scrape must never fail because one reading did
-            v = float("nan")
-        yield self.name, (), v
-
-
-class ReadCounter:
-    """A counter kept elsewhere (the engine's), read at scrape time: `read()` → [(labels, value)]."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, read: Callable[[], list]):
-        self.name, self.help, self.read = name, help, read
+    def readings(self) -> list:
+        return [((), float(self.read()))]
 
     def samples(self):
         try:
-            got = self.read()
+            got = self.readings()
         except Exception:  # a scrape must never fail because one reading did
             got = [((), float("nan"))]
         for labels, v in got:
             yield self.name, labels, v
+
+
+class ReadCounter(Gauge):
+    """A counter kept elsewhere (the engine's), read at scrape time: `read()` → [(labels, value)]."""
+
+    kind = "counter"
+
+    def readings(self) -> list:
+        return self.read()
 
 
 class Histogram:
