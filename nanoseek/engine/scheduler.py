@@ -164,8 +164,7 @@ class Scheduler:
                 # a chunk that fits what is free (whole blocks), else wait for others to finish
                 n = min(n, (len(r.blocks) + self.blocks.num_free) * self.bs - r.num_computed)
                 if n <= 0:
-                    self.blocks.release(r.blocks)  # give the hits back; matched again next time
-                    r.blocks, r.block_keys, r.num_computed, r.shared = [], [], 0, 0
+                    self.free(r)  # give the hits back; matched again next time
                     break
             self.waiting.popleft()
             self.running.append(r)
