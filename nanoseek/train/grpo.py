@@ -43,14 +43,13 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_pretrained
+from ..checkpoint import ckpt_flag, load_pretrained
 from ..model.shared_prefix import SharedPrefixBatch, shared_prefix_hidden_states
 from ..tasks import get_task, r1_zero_prompt
 from ..tasks.rewards import load_reward, weighted
 from ..tokenizer import Tokenizer
 from .grpo_loss import filter_equal_reward_groups, frac_reward_zero_std, group_advantages, grpo_loss
 from .loop import Trainer, TrainConfig, balance_loss, start_run
-from ..checkpoint import ckpt_flag
 from .rundir import read_metrics
 from .runtime import Runtime, all_reduce_sum, gather_rows
 
@@ -240,18 +239,19 @@ class RolloutBatch:
     token once (`SharedPrefixBatch`: a completion's last token is no input, it predicts nothing),
     the completions right-padded (N, C) as targets with their lengths, and for each target the
     flat token whose hidden state predicts it (the prompt's last for slot 0; padding: 0). For
-    the MTP loss, each whole sequence (prompt + completion) right-padded (N, L): the flat token
-    of every position, its id, and its next token where that is a completion token (else −100)."""
+    the MTP loss (built with mtp=True), each whole sequence (prompt + completion) right-padded
+    (N, L): the flat token of every position, its id, and its next token where that is a
+    completion token (else −100)."""
     flat: SharedPrefixBatch
     comp: torch.Tensor
     lens: torch.Tensor
     source: torch.Tensor
-    seq_rows: torch.Tensor
-    seq_ids: torch.Tensor
-    seq_targets: torch.Tensor
+    seq_rows: torch.Tensor | None = None  # None unless built with mtp=True
+    seq_ids: torch.Tensor | None = None
+    seq_targets: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, rollouts: list[Rollout], pad_id: int, device) -> "RolloutBatch":
+    def of(cls, rollouts: list[Rollout], pad_id: int, device, mtp: bool = False) -> "RolloutBatch":
         index: dict[tuple[int, ...], int] = {}
         group = [index.setdefault(tuple(r.prompt_ids), len(index)) for r in rollouts]
         flat = SharedPrefixBatch.of([list(p) for p in index], [r.ids[:-1] for r in rollouts], group, device)
@@ -261,6 +261,9 @@ class RolloutBatch:
             comp[i, :len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
         # row_slots is max(1, C − 1) wide, so there are always ≥ C columns to keep
         source = torch.cat((flat.last[flat.group][:, None], flat.row_slots), 1)[:, :C]
+        lens = torch.tensor([len(r.ids) for r in rollouts], device=device)
+        if not mtp:
+            return cls(flat, comp.to(device), lens, source)
         starts = [0]
         for p in index:
             starts.append(starts[-1] + len(p))
@@ -268,14 +271,14 @@ class RolloutBatch:
         rows = torch.zeros(len(rollouts), L, dtype=torch.long)
         ids = torch.full((len(rollouts), L), pad_id, dtype=torch.long)
         tgt = torch.full((len(rollouts), L), -100, dtype=torch.long)
+        slots = flat.row_slots.cpu()
         for i, (r, g) in enumerate(zip(rollouts, group)):
             P, n = len(r.prompt_ids), len(r.ids) - 1
             rows[i, :P] = torch.arange(starts[g], starts[g] + P)
-            rows[i, P:P + n] = flat.row_slots[i, :n].cpu()
+            rows[i, P:P + n] = slots[i, :n]
             ids[i, :P + n] = torch.tensor((list(r.prompt_ids) + r.ids)[:P + n])
             tgt[i, P - 1:P + n] = torch.tensor(r.ids)
-        return cls(flat, comp.to(device), torch.tensor([len(r.ids) for r in rollouts], device=device), source,
-                   rows.to(device), ids.to(device), tgt.to(device))
+        return cls(flat, comp.to(device), lens, source, rows.to(device), ids.to(device), tgt.to(device))
 
 
 def completion_logprobs(model, b: RolloutBatch, with_entropy: bool = False, temperature: float = 1.0,
@@ -363,7 +366,7 @@ def grpo_update(trainer: Trainer, ref_model, rollouts: list[Rollout], rewards: t
     # sequences per forward: ⌈prompts · G / gradient_accumulation_steps⌉ of this rank's share
     mb = max(1, math.ceil(cfg.prompts_per_step // rt.world_size * G / cfg.gradient_accumulation_steps))
     chunks = [slice(i, min(len(sel), i + mb)) for i in range(0, len(sel), mb)]
-    batches = [RolloutBatch.of(sel[c], pad_id, device) for c in chunks]
+    batches = [RolloutBatch.of(sel[c], pad_id, device, mtp=cfg.mtp_weight > 0) for c in chunks]
     masks = []  # (n, C) per micro-batch: the completion tokens that count
     for c, b in zip(chunks, batches):
         m = (torch.arange(b.comp.shape[1], device=device)[None] < b.lens[:, None]).float()
