@@ -954,9 +954,9 @@ def _starts(tokens: list[str]) -> list[int]:
     return out
 
 
-def _echo(srv: _Server, req, job: _Job) -> str:
-    prompt = req.prompts()[job.prompt]
-    return prompt if isinstance(prompt, str) else srv.tok.decode(prompt)
+def _echoes(srv: _Server, req) -> list[str]:
+    """Each prompt's text as echo returns it (decoded once per prompt, not once per choice)."""
+    return [p if isinstance(p, str) else srv.tok.decode(p) for p in req.prompts()]
 
 
 async def _prompt_logprobs(srv: _Server, req, jobs: list[_Job]) -> dict[int, dict[str, Any]]:
@@ -965,12 +965,13 @@ async def _prompt_logprobs(srv: _Server, req, jobs: list[_Job]) -> dict[int, dic
     string prompt's text is the string itself: the ``<|bos|>`` the server put before it is listed
     but spans none of the text (its offset 0, the next token's too)."""
     out: dict[int, dict[str, Any]] = {}
+    prompts = req.prompts()
     for job in jobs:
         if job.prompt in out:
             continue
         values, tops = await asyncio.to_thread(srv.aengine.score, job.ids, req.logprobs)
         tokens = [srv.tok.decode([t]) for t in job.ids]
-        added = isinstance(req.prompts()[job.prompt], str)  # encoded with a leading <|bos|>
+        added = isinstance(prompts[job.prompt], str)  # encoded with a leading <|bos|>
         offsets = [0] + _starts(tokens[1:]) if added else _starts(tokens)
         out[job.prompt] = {"tokens": tokens, "token_logprobs": [None] + values, "text_offset": offsets,
                            "top_logprobs": [None] + [{srv.tok.decode([t]): v for t, v in top.items()} for top in tops]}
@@ -981,11 +982,12 @@ async def _completion_full(srv: _Server, req, rid, jobs):
     scored = await _prompt_logprobs(srv, req, jobs) if req.echo and req.logprobs is not None else {}
     if req.max_tokens == 0:  # echo only (checked): the prompt scored, nothing generated
         return _scored_only(srv, req, rid, jobs, scored)
+    echoes = _echoes(srv, req) if req.echo else None
     with _Run(srv, False, jobs, rid) as run:
         texts, lps = await run.collect()
         choices = []
         for k, (job, text) in enumerate(zip(jobs, texts)):
-            echo = _echo(srv, req, job) if req.echo else ""
+            echo = echoes[job.prompt] if echoes else ""
             logprobs = _completion_logprobs(lps[k], len(echo), scored.get(job.prompt)) if job.params.logprobs else None
             choices.append(CompletionChoice(index=k, text=echo + text, finish_reason=run.evs[k].finish_reason,
                                             logprobs=logprobs))
@@ -996,7 +998,8 @@ def _scored_only(srv: _Server, req, rid, jobs: list[_Job], scored: dict[int, dic
     """``max_tokens: 0`` with echo: each choice is its prompt, ``finish_reason`` "length" (the
     budget of zero tokens is spent), usage counts each prompt once and no completion tokens."""
     t0 = time.perf_counter()
-    choices = [CompletionChoice(index=k, text=_echo(srv, req, job), finish_reason="length",
+    echoes = _echoes(srv, req)
+    choices = [CompletionChoice(index=k, text=echoes[job.prompt], finish_reason="length",
                                 logprobs=_completion_logprobs([], 0, scored[job.prompt]) if scored else None)
                for k, job in enumerate(jobs)]
     usage = srv.usage(sum(len(job.ids) for job in {j.prompt: j for j in jobs}.values()), 0, 0, 0)
@@ -1020,8 +1023,9 @@ async def _completion_stream(srv: _Server, req, rid, jobs, include_usage):
     with _Run(srv, False, jobs, rid) as run:
         try:
             if req.echo:
+                echoes = _echoes(srv, req)
                 for k, job in enumerate(jobs):
-                    yield chunk(k, _echo(srv, req, job))
+                    yield chunk(k, echoes[job.prompt])
             async for item in run.stream(keepalive=True):
                 if item is None:
                     yield ": keep-alive\n\n"
