@@ -113,19 +113,26 @@ def prompts_of(cfg: MTPRefreshConfig, tok: Tokenizer) -> tuple[list[list[int]], 
     return prompts[:-cfg.eval_prompts][:cfg.num_prompts], prompts[-cfg.eval_prompts:]
 
 
+def _generate(model, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float,
+              top_p: float, seed: int, k: int = 0):
+    """The model (put in eval mode) writes after each prompt through the engine, prompt i seeded
+    seed + i, with k drafts per step → (the engine, its outputs)."""
+    from ..engine import Engine, SamplingParams
+
+    model.eval()
+    eng = Engine(model, tok, max_num_seqs=64, speculative_tokens=k)
+    outs = eng.generate(prompts, [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                                 seed=seed + i) for i in range(len(prompts))])
+    return eng, outs
+
+
 def acceptance(model, tok: Tokenizer, prompts: list[list[int]], k: int, max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> dict:
     """Decode `prompts` with k drafts per step → the share of drafts kept at each position
     (acceptance_pos1 …), overall, and the mean accepted length (tokens a verifying step emits)."""
-    from ..engine import Engine, SamplingParams
-
     was = model.training
-    model.eval()
-    eng = Engine(model, tok, max_num_seqs=64, speculative_tokens=k)
-    eng.generate(prompts, [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                          seed=seed + i) for i in range(len(prompts))])
+    st = _generate(model, tok, prompts, max_new_tokens, temperature, top_p, seed, k)[0].stats
     model.train(was)
-    st = eng.stats
     out = {f"acceptance_pos{i + 1}": a / d if d else 0.0
            for i, (a, d) in enumerate(zip(st["spec_num_accepted_tokens_per_pos"], st["spec_num_draft_tokens_per_pos"]))}
     out.update(acceptance=st["spec_acceptance_rate"], mean_accepted_length=st["spec_mean_accepted_length"])
@@ -134,12 +141,7 @@ def acceptance(model, tok: Tokenizer, prompts: list[list[int]], k: int, max_new_
 
 def completions(model, tok: Tokenizer, prompts: list[list[int]], cfg: MTPRefreshConfig) -> list[tuple[list[int], list[int]]]:
     """What the model writes after each prompt → (prompt + completion, loss mask on the completion)."""
-    from ..engine import Engine, SamplingParams
-
-    model.eval()
-    eng = Engine(model, tok, max_num_seqs=64)
-    outs = eng.generate(prompts, [SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                                 top_p=cfg.top_p, seed=cfg.seed + i) for i in range(len(prompts))])
+    outs = _generate(model, tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed)[1]
     rows = []
     for p, o in zip(prompts, outs):
         ids = (p + o.token_ids)[:cfg.seq_len]
