@@ -37,6 +37,7 @@ class Demo:
     tokenizer: Path | None = None
     checkpoints: dict[str, Path] = field(default_factory=dict)  # stage → its final checkpoint
     results: list[dict] = field(default_factory=list)  # one row per stage: figure and minutes
+    evals: dict[Path, dict] = field(default_factory=dict)  # checkpoint → its held-out eval (_task_eval)
 
     @property
     def data(self) -> str:
@@ -142,11 +143,14 @@ SFT_DATA = "builtin:sft-arith?n=2000&digits=3&seed={seed}"
 GRPO_TASK = {"digits": 3, "min_digits": 3}
 
 
-def _task_eval(ckpt: Path, label: str) -> dict:
+def _task_eval(demo: Demo, ckpt: Path, label: str) -> dict:
+    """The held-out figure of `ckpt`, evaluated once per invocation (distill reports its teacher's again)."""
     from .eval.tasks import EvalConfig, evaluate_task
 
-    res = evaluate_task(EvalConfig(ckpt=str(ckpt), task="arithmetic", task_args=GRPO_TASK, n=200, k=1,
-                                   temperature=0.0))
+    if ckpt not in demo.evals:
+        demo.evals[ckpt] = evaluate_task(EvalConfig(ckpt=str(ckpt), task="arithmetic", task_args=GRPO_TASK,
+                                                    n=200, k=1, temperature=0.0))
+    res = demo.evals[ckpt]
     print(f"{label}: held-out addition of two 3-digit numbers, greedy: {res['pass@1']:.1%} correct, "
           f"format {res['format']:.1%}")
     return res
@@ -170,7 +174,7 @@ def stage_sft(demo: Demo) -> None:
         sft(SFTConfig(ckpt=str(demo.latest), data=data, out=str(out), epochs=1, seed=demo.seed, resume=True))
         t = time.time() - t
     demo.checkpoints["sft"] = resolve_ckpt(out)
-    demo.record("sft", _figure(_task_eval(demo.checkpoints["sft"], "after SFT")), t)
+    demo.record("sft", _figure(_task_eval(demo, demo.checkpoints["sft"], "after SFT")), t)
 
 
 def stage_grpo(demo: Demo) -> None:
@@ -188,7 +192,7 @@ def stage_grpo(demo: Demo) -> None:
                         reward_weights=[1.0, 0.2], eval_steps=20, seed=demo.seed, threads=2, resume=True))
         t = time.time() - t
     demo.checkpoints["grpo"] = out / "model"
-    demo.record("grpo", _figure(_task_eval(demo.checkpoints["grpo"], "after GRPO")), t)
+    demo.record("grpo", _figure(_task_eval(demo, demo.checkpoints["grpo"], "after GRPO")), t)
     print(f"reward/accuracy plot: {out / 'grpo.png'}; per-step metrics: {out / 'metrics.jsonl'}")
 
 
@@ -225,8 +229,8 @@ def stage_distill(demo: Demo) -> None:
                               seed=demo.seed, threads=2, resume=True, **DISTILL))
         t = time.time() - t
     demo.checkpoints["distill"] = out / "model"
-    res = _task_eval(out / "model", f"student ({DISTILL_STUDENT})")
-    ref = _task_eval(teacher, "teacher (GRPO)")
+    res = _task_eval(demo, out / "model", f"student ({DISTILL_STUDENT})")
+    ref = _task_eval(demo, teacher, "teacher (GRPO)")
     ts, tt = (count(ModelConfig.load(Path(d) / "config.json")) for d in (out / "model", teacher))
     print(f"student {human(ts.total)} parameters ({ts.total / tt.total:.2f}× the teacher's {human(tt.total)}, "
           f"all layers dense): {res['pass@1']:.1%} held-out vs the teacher's {ref['pass@1']:.1%} "
