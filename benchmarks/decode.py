@@ -110,12 +110,9 @@ def main() -> None:
         save_pretrained(model, tmp)
         what = f"model {args.preset} (random weights), random prompts, {N} tokens each"
     cfg = model.config
-    engines = {"nanoseek": Engine(model, tok, device="cpu", dtype=torch.float32, max_num_seqs=args.batch,
-                                  enable_prefix_cache=False)}
-    if k:
-        engines[f"nanoseek + {k} MTP drafts"] = Engine(model, tok, device="cpu", dtype=torch.float32,
-                                                       max_num_seqs=args.batch, enable_prefix_cache=False,
-                                                       speculative_tokens=k)
+    sides = {"nanoseek": 0} | ({f"nanoseek + {k} MTP drafts": k} if k else {})
+    engines = {name: Engine(model, tok, device="cpu", dtype=torch.float32, max_num_seqs=args.batch,
+                            enable_prefix_cache=False, speculative_tokens=s) for name, s in sides.items()}
     hf = None
     if args.transformers == "true":
         import transformers
@@ -126,8 +123,7 @@ def main() -> None:
     # batch 1: 8 prompts, each alone; batch B: B prompts at once
     batches = {1: [[p] for p in prompts_for(args, cfg, tok, 8, 32)],
                args.batch: [prompts_for(args, cfg, tok, args.batch)]}
-    flags = " ".join(a for a in sys.argv[1:])
-    print(f"$ python benchmarks/decode.py {flags}")
+    print(f"$ python benchmarks/decode.py {' '.join(sys.argv[1:])}")
     print(f"{what}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, fp32, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}"
           + (f", transformers {transformers.__version__}" if hf is not None else ""))
