@@ -304,9 +304,14 @@ def write_report(run_dir: str | Path, title: str = "", evals: dict | None = None
 
         m = {**machine(), "processes": int(os.environ.get("WORLD_SIZE", "1"))}
         (run / MACHINE).write_text(json.dumps(m, indent=2) + "\n")
-    records = read_metrics(run)
-    plot_losses(records, run / "loss.png", title)
     st = analyse(read_stage(run), V3_PRICE if price_per_hour is None else price_per_hour)
+    return _write_card(st, title, evals)
+
+
+def _write_card(st: Stage, title: str, evals: dict | None = None) -> Path:
+    """RUN/loss.png and RUN/report.md of an analysed stage."""
+    run = st.path
+    plot_losses(st.records, run / "loss.png", title)
     lines = stage_card(st, title or run.name)
     evals = evals or st.evals
     if evals and evals.get("samples"):
@@ -325,7 +330,7 @@ def _title(run: Path) -> str:
     """A stage card's title: the heading its stage wrote, when it wrote one."""
     rep = run / "report.md"
     first = rep.read_text().split("\n", 1)[0] if rep.is_file() else ""
-    return first[2:].strip() if first.startswith("# ") else run.name
+    return (first[2:].strip() if first.startswith("# ") else "") or run.name
 
 
 def stages_of(root: Path) -> list[Path]:
@@ -365,12 +370,13 @@ def write_pipeline_report(root: str | Path, price_per_hour: float | None = None)
     if not dirs:
         raise ValueError(f"{root}: holds no stage run directories (config.json, metrics.jsonl or tokenizer.json)")
     summary = {r["stage"]: r for r in _summary(root)}
-    stages = []
+    stages, titles = [], []
     for d in dirs:
         st = analyse(read_stage(d), price)
         stages.append(st)
+        titles.append(_title(d) if st.kind != "tokenizer" else "tokenizer")
         if st.kind != "tokenizer":
-            write_report(d, _title(d), record_machine=False, price_per_hour=price)
+            _write_card(st, titles[-1])
     lines = [f"# Report card: {root.name}", "",
              f"Built by `nanoseek report {root}` from each stage's own files. Cost at ${price:.2f} per "
              "accelerator-hour (`--price-per-hour`); MFU against each machine's peak (a GPU's datasheet, a "
@@ -397,8 +403,7 @@ def write_pipeline_report(root: str | Path, price_per_hour: float | None = None)
     if summary:
         lines += ["Held-out figures and minutes of the stages the pipeline's summary.json lists are its own "
                   "(minutes include the stage's final evaluation).", ""]
-    for st in stages:
-        title = _title(st.path) if st.kind != "tokenizer" else "tokenizer"
+    for st, title in zip(stages, titles):
         lines += stage_card(st, title if title.startswith(st.path.name) else f"{st.path.name}: {title}", 2,
                             link=f"{st.path.name}/")
         if st.config:
