@@ -333,12 +333,11 @@ def _title(run: Path) -> str:
     return (first[2:].strip() if first.startswith("# ") else "") or run.name
 
 
-def stages_of(root: Path) -> list[Path]:
+def stages_of(root: Path, summary: list[dict]) -> list[Path]:
     """A pipeline's stage directories: the tokenizer first, then the order of summary.json, then
     the order they were made in."""
     dirs = [d for d in root.iterdir() if d.is_dir() and any((d / f).is_file() for f in
                                                             ("config.json", "metrics.jsonl", "tokenizer.json"))]
-    summary = _summary(root)
     order = {r["stage"]: i for i, r in enumerate(summary)}
 
     def made(d: Path) -> float:
@@ -366,10 +365,11 @@ def write_pipeline_report(root: str | Path, price_per_hour: float | None = None)
 
     root = Path(root)
     price = V3_PRICE if price_per_hour is None else price_per_hour
-    dirs = stages_of(root)
+    rows = _summary(root)
+    dirs = stages_of(root, rows)
     if not dirs:
         raise ValueError(f"{root}: holds no stage run directories (config.json, metrics.jsonl or tokenizer.json)")
-    summary = {r["stage"]: r for r in _summary(root)}
+    summary = {r["stage"]: r for r in rows}
     stages, titles = [], []
     for d in dirs:
         st = analyse(read_stage(d), price)
