@@ -12,6 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from ..tokenizer import END_THINK, THINK
+from .speculative import SPECULATIVE_TOKENS_HELP, check_speculative_tokens
 
 DIM, RESET = "\033[2m", "\033[0m"
 DTYPES = (None, "float32", "fp32", "bfloat16", "bf16")
@@ -32,7 +33,7 @@ class _Sampling:
     stop: list[str] = field(default_factory=list, metadata={"help": "stop strings"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 | bfloat16 (default: fp32 on CPU, bf16 on GPU)"})
-    speculative_tokens: int = field(default=0, metadata={"help": "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
+    speculative_tokens: int = field(default=0, metadata={"help": SPECULATIVE_TOKENS_HELP})
 
     def __post_init__(self) -> None:
         """Bad values fail here, as one line naming the flag, before the checkpoint is read."""
@@ -57,8 +58,7 @@ class _Sampling:
         finite("repetition_penalty", 0, lo_open=True)
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise ValueError(f"--seed {self.seed}: must be in [-2^63, 2^63)")
-        if self.speculative_tokens < 0:
-            raise ValueError(f"--speculative-tokens {self.speculative_tokens}: must be ≥ 0 (0 = off)")
+        check_speculative_tokens(self.speculative_tokens)
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: expected float32 or bfloat16")
         ckpt_flag(self.ckpt)  # a file, a missing or empty directory, a run without model/

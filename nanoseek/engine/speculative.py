@@ -36,6 +36,17 @@ import torch
 from .paged_mla import AttnGroup, attention_groups
 from .sampling import inverse_cdf, penalised, probs, uniforms
 
+# the `--speculative-tokens` flag of every command that runs the engine (generate, chat, serve, eval, grpo)
+SPECULATIVE_TOKENS_HELP = ("draft tokens per step from the MTP module(s), verified in one forward: the same text "
+                           "under greedy decoding, the same distribution under sampling (0 = off)")
+
+
+def check_speculative_tokens(k: int) -> None:
+    """The flag's one check, as one line naming it."""
+    if k < 0:
+        raise ValueError(f"--speculative-tokens {k}: must be ≥ 0 (0 = off)")
+
+
 DRAFT, ACCEPT = 1, 2  # uniform streams; the final token reads the ordinary stream 0
 
 

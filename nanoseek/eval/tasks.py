@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.speculative import SPECULATIVE_TOKENS_HELP, check_speculative_tokens
 from .metrics import maj_at_k, pass_at_1, pass_at_k
 
 
@@ -30,7 +31,7 @@ class EvalConfig:
     max_tokens: int = 128
     out: str | None = field(default=None, metadata={"help": "write the result JSON here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
-    speculative_tokens: int = field(default=0, metadata={"help": "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
+    speculative_tokens: int = field(default=0, metadata={"help": SPECULATIVE_TOKENS_HELP})
 
     def __post_init__(self) -> None:
         """Bad values are one line naming the flag and its range, before the checkpoint is read
@@ -38,8 +39,7 @@ class EvalConfig:
         from ..engine.engine import check_device
         from ..tasks import task_from_flags
 
-        if self.speculative_tokens < 0:
-            raise ValueError(f"--speculative-tokens {self.speculative_tokens}: must be ≥ 0 (0 = off)")
+        check_speculative_tokens(self.speculative_tokens)
         for name in ("n", "k", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")

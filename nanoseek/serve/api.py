@@ -39,6 +39,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..cost import API_PRICES
+from ..engine.speculative import SPECULATIVE_TOKENS_HELP, check_speculative_tokens
 from .metrics import ServeMetrics
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionRequest,
@@ -93,7 +94,7 @@ class ServeConfig:
     block_size: int = field(default=16, metadata={"help": "engine: KV-cache block (prefix-cache unit) in tokens"})
     cache_tokens: int | None = field(default=None, metadata={"help": "engine: KV-cache capacity in tokens"})
     enable_prefix_cache: bool = field(default=True, metadata={"help": "engine: reuse cached prompt prefixes"})
-    speculative_tokens: int = field(default=0, metadata={"help": "engine: " + "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
+    speculative_tokens: int = field(default=0, metadata={"help": "engine: " + SPECULATIVE_TOKENS_HELP})
     device: str | None = field(default=None, metadata={"help": "cpu / cuda (default: best available)"})
     dtype: str | None = field(default=None, metadata={"help": "float32 / bfloat16 / float16"})
     log_level: str = field(default="info", metadata={"help": "uvicorn log level", "choices": LOG_LEVELS})
@@ -111,8 +112,7 @@ class ServeConfig:
         for name in ("cache_tokens", "max_tokens_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
-        if self.speculative_tokens < 0:
-            raise ValueError(f"--speculative-tokens {self.speculative_tokens}: must be ≥ 0 (0 = off)")
+        check_speculative_tokens(self.speculative_tokens)
         if self.max_queue < 0:
             raise ValueError(f"--max-queue {self.max_queue}: must be ≥ 0")
         if not (math.isfinite(self.keepalive_s) and self.keepalive_s > 0):

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import ckpt_flag, load_pretrained
+from ..engine.speculative import SPECULATIVE_TOKENS_HELP
 from ..model.shared_prefix import SharedPrefixBatch, shared_prefix_hidden_states
 from ..tasks import get_task, r1_zero_prompt
 from ..tasks.rewards import load_reward, weighted
@@ -110,7 +111,7 @@ class GRPOConfig(TrainConfig):
     mtp_weight: float = field(default=0.0, metadata={"help": "λ of the MTP loss on the rollouts trained on (their "
                                                      "completions, the policy's hidden states detached: the policy "
                                                      "gradient stays GRPO's); keeps the MTP module a good draft; 0 = off"})
-    speculative_tokens: int = field(default=0, metadata={"help": "rollouts and evals: " + "draft tokens per step from the MTP module(s), verified in one forward: the same text under greedy decoding, the same distribution under sampling (0 = off)"})
+    speculative_tokens: int = field(default=0, metadata={"help": "rollouts and evals: " + SPECULATIVE_TOKENS_HELP})
 
     def __post_init__(self) -> None:
         super().__post_init__()
