@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..eval.tasks import sample_seed
+
 TRACES, SUMMARY = "traces.jsonl", "summary.json"
 
 
@@ -102,11 +104,6 @@ class Sample:
     content: str
     tokens: int  # completion tokens generated
     truncated: bool  # stopped by the length limit, not by itself
-
-
-def sample_seed(seed: int, problem: int, sample: int) -> int:
-    """The seed of sample j of problem i (the same on both paths, so they give the same file)."""
-    return (seed * 1_000_003 + problem * 1009 + sample) % 2**63
 
 
 def local_samples(cfg: TracesConfig, problems) -> Iterator[Sample]:

@@ -57,6 +57,12 @@ class EvalConfig:
         check_device(self.device)
 
 
+def sample_seed(seed: int, problem: int, sample: int) -> int:
+    """The pinned seed of sample j of problem i: a run's figures repeat, and `distill traces`
+    draws the same samples locally and from a server."""
+    return (seed * 1_000_003 + problem * 1009 + sample) % 2**63
+
+
 def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     """Score a checkpoint (or a live model + tokenizer) on held-out problems."""
     from ..engine import Engine, SamplingParams
@@ -81,7 +87,7 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
         for j in range(k):
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                         top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + i * 1009 + j))
+                                         top_p=cfg.top_p, seed=sample_seed(cfg.seed, i, j)))
     outs = engine.generate(prompts, params)
     texts = [tok.decode(o.token_ids) for o in outs]
     answers = [task.parse(t) for t in texts]
