@@ -9,6 +9,14 @@ Why these choices:
   hides the place-value structure the model has to learn.
 * The special tokens sit at fixed ids 0..7 so every module (SFT masks, the
   engine's stop tokens, GRPO's ``<think>`` parsing) can rely on them.
+* Fill-in-the-middle uses DeepSeek-Coder's three tokens (``FIM_TOKENS``). Every vocabulary trained
+  now has them, right after the fixed eight; they are found by name, not by id, so a tokenizer
+  trained before them still loads (``fim_ids`` is None and FIM is refused with a clear error).
+
+FIM format (DeepSeek-Coder's PSM; SPM puts the suffix first so the middle continues the prefix)::
+
+    PSM: <｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>{middle}
+    SPM: <｜fim▁begin｜><｜fim▁hole｜>{suffix}<｜fim▁end｜>{prefix}{middle}
 
 Chat format (the project-wide contract)::
 
@@ -42,6 +50,12 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
 THINK, END_THINK = "<think>", "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
+# DeepSeek-Coder's fill-in-the-middle tokens: begin = before the prefix, hole = where the middle
+# was cut out (the suffix follows), end = the middle follows
+FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
+FIM_TOKENS = [FIM_BEGIN, FIM_HOLE, FIM_END]
+# trained into every new vocabulary after SPECIAL_TOKENS, looked up by name (older tokenizers lack them)
+EXTRA_TOKENS = [*FIM_TOKENS]
 N_BYTES = 256  # byte-level alphabet: every byte must be a token
 
 # The Jinja twin of Tokenizer.render_chat_text. Written on one line with
@@ -103,20 +117,22 @@ class Tokenizer:
             raise ValueError(f"tokenizer special tokens must be {SPECIAL_TOKENS} at ids 0..7, got ids {ids}")
         (self.bos_id, self.eos_id, self.pad_id, self.system_id, self.user_id,
          self.assistant_id, self.think_id, self.end_think_id) = ids
+        fim = [backend.token_to_id(t) for t in FIM_TOKENS]
+        self.fim_ids: tuple[int, int, int] | None = None if None in fim else tuple(fim)
 
     # ---------------------------------------------------------------- building
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
         """Learn BPE merges from ``texts`` (streamed; never held in memory)."""
-        floor = len(SPECIAL_TOKENS) + N_BYTES
+        floor = len(SPECIAL_TOKENS) + len(EXTRA_TOKENS) + N_BYTES
         if vocab_size < floor:
             raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {floor} "
-                             f"({len(SPECIAL_TOKENS)} special tokens + {N_BYTES} bytes)")
+                             f"({len(SPECIAL_TOKENS) + len(EXTRA_TOKENS)} special tokens + {N_BYTES} bytes)")
         tok = _build_backend()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
             min_frequency=2,
-            special_tokens=SPECIAL_TOKENS,  # added first, so they get ids 0..7
+            special_tokens=SPECIAL_TOKENS + EXTRA_TOKENS,  # added first, so SPECIAL_TOKENS get ids 0..7
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -191,6 +207,21 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
+
+    # -------------------------------------------------------------------- FIM
+    def fim_prompt(self, prefix: str, suffix: str, spm: bool = False) -> list[int]:
+        """The ids that ask for the middle between ``prefix`` and ``suffix`` (PSM, or SPM with
+        ``spm``); a training document is these ids followed by the middle's. The texts are
+        plain text: a FIM or chat tag typed into them is those characters."""
+        if self.fim_ids is None:
+            raise ValueError(f"this tokenizer has no FIM tokens ({', '.join(FIM_TOKENS)}): fill-in-the-middle "
+                             "needs a tokenizer trained with them (`nanoseek tokenizer train`) and a model "
+                             "trained on FIM data")
+        begin, hole, end = self.fim_ids
+        pre, suf = self.encode_batch([prefix, suffix], allow_special=False)
+        if spm:
+            return [begin, hole, *suf, end, *pre]
+        return [begin, *pre, hole, *suf, end]
 
     # ------------------------------------------------------------------- chat
     def _chat_segments(self, messages, add_generation_prompt, think):
@@ -270,10 +301,10 @@ class TokenizerTrainConfig:
 
     def __post_init__(self) -> None:
         """Bad values are one line naming the flag, before any document is read."""
-        floor = len(SPECIAL_TOKENS) + N_BYTES
+        floor = len(SPECIAL_TOKENS) + len(EXTRA_TOKENS) + N_BYTES
         if self.vocab_size < floor:
             raise ValueError(f"--vocab-size {self.vocab_size}: must be ≥ {floor} (byte-level BPE: "
-                             f"{len(SPECIAL_TOKENS)} special tokens + {N_BYTES} bytes)")
+                             f"{len(SPECIAL_TOKENS) + len(EXTRA_TOKENS)} special tokens + {N_BYTES} bytes)")
         if self.max_docs is not None and self.max_docs < 1:
             raise ValueError(f"--max-docs {self.max_docs}: must be ≥ 1")
         if not self.text_field:

@@ -66,8 +66,8 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["report", "{file}"], ["RUN {file}", "is a file"]),
     (["report", "{empty}"], ["{empty}", "holds no stage run directories"]),
     # ------------------------------------------------------------------ tokenizer train
-    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "0"], ["--vocab-size 0", "≥ 264"]),
-    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "100"], ["--vocab-size 100", "≥ 264"]),
+    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "0"], ["--vocab-size 0", "≥ 267"]),
+    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "100"], ["--vocab-size 100", "≥ 267"]),
     (TOK + ["--data", "builtin:arith?n=10", "--max-docs", "0"], ["--max-docs 0", "≥ 1"]),
     (TOK + ["--data", "{missing}"], ["--data", "{missing}", "no such file"]),
     (TOK + ["--data", "{binary}"], ["{binary}", "not valid UTF-8"]),
