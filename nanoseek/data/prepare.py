@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from nanoseek.data.clean import NORMAL_FORMS, QualityConfig, build_rules, dedup_key, first_failed_rule, normalize
 from nanoseek.data.dedup import ExactDedup, NearDedup
+from nanoseek.data.fim import LEVELS as FIM_LEVELS, FIMOptions, encode_documents
 from nanoseek.data.shards import ShardWriter
 from nanoseek.data.sources import iter_documents
 
@@ -62,6 +63,10 @@ class PrepareConfig:
                                                              "a document is a near-duplicate"})
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations"})
     shingle_words: int = field(default=5, metadata={"help": "words per shingle"})
+    fim_rate: float = field(default=0.0, metadata={"help": "share of documents rearranged for fill-in-the-middle "
+                                                  "(DeepSeek-Coder: 0.5 on code; 0 for prose)"})
+    fim_spm_rate: float = field(default=0.5, metadata={"help": "share of the FIM documents in SPM order (else PSM)"})
+    fim_level: str = field(default="char", metadata={"help": "where FIM cuts: char | line", "choices": list(FIM_LEVELS)})
     workers: int = field(default=2, metadata={"help": "tokenizer processes; 0 tokenizes in this process"})
     chunk_docs: int = field(default=256, metadata={"help": "documents per task sent to a worker"})
     shard_tokens: int = field(default=1 << 26, metadata={"help": "start a new shard beyond this many tokens"})
@@ -89,6 +94,7 @@ class PrepareConfig:
         need(self.workers >= 0, "workers", "must be ≥ 0 (0 = tokenize in this process)")
         if not self.text_field:
             raise ValueError("--text-field: must be a non-empty column name")
+        self.fim().check()
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise FileExistsError(f"--out {self.out}: is a file; the shards are written into a directory")
         tok = Path(self.tokenizer)
@@ -101,32 +107,36 @@ class PrepareConfig:
         return QualityConfig(**{f.name: getattr(self, f.name) for f in fields(QualityConfig)
                                 if hasattr(self, f.name)})
 
+    def fim(self) -> FIMOptions:
+        return FIMOptions(self.fim_rate, self.fim_spm_rate, self.fim_level)
+
 
 # --------------------------------------------------------------- workers
 _WORKER_TOK = None
+_WORKER_FIM = FIMOptions()
 
 
-def _init_worker(tokenizer_dir: str):
-    global _WORKER_TOK
+def _init_worker(tokenizer_dir: str, fim: FIMOptions = FIMOptions()):
+    global _WORKER_TOK, _WORKER_FIM
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # we are the parallelism
     from nanoseek.tokenizer import Tokenizer
 
-    _WORKER_TOK = Tokenizer.load(tokenizer_dir)
+    _WORKER_TOK, _WORKER_FIM = Tokenizer.load(tokenizer_dir), fim
 
 
 def _encode_chunk(texts: list[str]) -> list[list[int]]:
-    # a literal "<|eos|>" in a document is text, not a document boundary
-    return _WORKER_TOK.encode_batch(texts, allow_special=False)
+    # a literal "<|eos|>" in a document is text, not a document boundary; --fim-rate of them FIM
+    return encode_documents(_WORKER_TOK, texts, _WORKER_FIM)
 
 
 def _tokenized(chunks, cfg: PrepareConfig):
     """Yield token lists for the chunks' documents, in order, bounded in flight."""
     if cfg.workers <= 0:
-        _init_worker(cfg.tokenizer)
+        _init_worker(cfg.tokenizer, cfg.fim())
         for chunk in chunks:
             yield from _encode_chunk(chunk)
         return
-    with mp.get_context().Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer,)) as pool:
+    with mp.get_context().Pool(cfg.workers, initializer=_init_worker, initargs=(cfg.tokenizer, cfg.fim())) as pool:
         pending: deque = deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -200,6 +210,7 @@ def prepare(cfg: PrepareConfig) -> dict:
     if cfg.chunk_docs <= 0:
         raise ValueError(f"chunk_docs must be positive, got {cfg.chunk_docs}")
     tok = Tokenizer.load(cfg.tokenizer)  # fail early on a bad tokenizer dir
+    cfg.fim().check(tok, cfg.tokenizer)
     docs = iter_documents(cfg.data, text_field=cfg.text_field)
     if cfg.max_docs is not None:
         docs = islice(docs, cfg.max_docs)

@@ -1,0 +1,147 @@
+"""Fill-in-the-middle: the tokenizer's FIM tokens and prompt, the data transform, prepare's hook,
+generate --suffix, /v1/completions with suffix (through the openai client) and the hidden-line
+metric."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanoseek.data.fim import FIMOptions, encode_documents, split
+from nanoseek.data.prepare import PrepareConfig, prepare
+from nanoseek.data.shards import TokenShards
+from nanoseek.tokenizer import FIM_BEGIN, FIM_END, FIM_HOLE, FIM_TOKENS, SPECIAL_TOKENS, Tokenizer
+
+CODE = '''def add(a, b):
+    """Sum of two numbers."""
+    total = a + b
+    return total
+
+
+def scale(xs, k):
+    out = []
+    for x in xs:
+        out.append(x * k)
+    return out
+'''
+
+
+def _code_docs(n=60, seed=0):
+    rng = random.Random(seed)
+    names = "alpha beta gamma delta count total index value item result".split()
+    docs = []
+    for i in range(n):
+        a, b = rng.sample(names, 2)
+        docs.append(f"def f{i}({a}, {b}):\n    {a} = {a} + {b}\n    return {a} * {rng.randrange(10)}\n")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([CODE] * 3 + _code_docs(), vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tok, tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    tok.save(d)
+    return d
+
+
+def test_fim_tokens_follow_the_fixed_specials(tok, tok_dir):
+    assert [tok.id_to_token(i) for i in range(len(SPECIAL_TOKENS))] == SPECIAL_TOKENS
+    assert tok.fim_ids == (8, 9, 10)
+    assert [tok.id_to_token(i) for i in tok.fim_ids] == FIM_TOKENS
+    assert Tokenizer.load(tok_dir).fim_ids == (8, 9, 10)
+    assert tok.encode(FIM_HOLE) == [9]  # a control id where specials are allowed …
+    assert 9 not in tok.encode(FIM_HOLE, allow_special=False)  # … and text in raw corpora
+    assert tok.decode(tok.encode(FIM_HOLE, allow_special=False)) == FIM_HOLE
+
+
+def test_fim_prompt_psm_and_spm(tok):
+    pre, suf = tok.encode("def f(x):\n"), tok.encode("    return y\n")
+    assert tok.fim_prompt("def f(x):\n", "    return y\n") == [8, *pre, 9, *suf, 10]
+    assert tok.fim_prompt("def f(x):\n", "    return y\n", spm=True) == [8, 9, *suf, 10, *pre]
+    # typed FIM tags in the code are characters, never control ids
+    ids = tok.fim_prompt(f"x = '{FIM_END}'\n", "")
+    assert ids.count(10) == 1 and ids[-1] == 10
+
+
+def test_tokenizer_without_fim_tokens_still_loads(tmp_path):
+    """A vocabulary trained before the FIM tokens existed: only the fixed eight specials."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from nanoseek.tokenizer import _build_backend
+
+    backend = _build_backend()
+    backend.train_from_iterator(["abc abc def"] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    old = Tokenizer(backend)
+    old.save(tmp_path)
+    old = Tokenizer.load(tmp_path)
+    assert old.fim_ids is None and old.decode(old.encode("abc def")) == "abc def"
+    with pytest.raises(ValueError, match="has no FIM tokens"):
+        old.fim_prompt("a", "b")
+    with pytest.raises(ValueError, match="--fim-rate 0.5: the tokenizer .* has no FIM tokens"):
+        prepare(PrepareConfig(data=str(tmp_path / "tokenizer.json"), tokenizer=str(tmp_path),
+                              out=str(tmp_path / "o"), fim_rate=0.5, progress=False))
+
+
+@pytest.mark.parametrize("level", ["char", "line"])
+def test_split_covers_the_text(level):
+    rng = random.Random(0)
+    for _ in range(200):
+        p, m, s = split(CODE, rng, level)
+        assert p + m + s == CODE
+        if level == "line":
+            assert (not p or p.endswith("\n")) and (not m or m.endswith("\n"))
+
+
+def test_encode_documents_rate_order_and_determinism(tok):
+    docs = _code_docs(400)
+    plain = encode_documents(tok, docs, FIMOptions(rate=0.0))
+    assert plain == tok.encode_batch(docs, allow_special=False)
+    opts = FIMOptions(rate=0.5, spm_rate=0.5, level="line", seed=3)
+    out = encode_documents(tok, docs, opts)
+    assert out == encode_documents(tok, docs[::-1], opts)[::-1]  # per document, not per position
+    assert out != encode_documents(tok, docs, FIMOptions(0.5, 0.5, "line", seed=4))
+    fim = [ids for ids in out if ids[0] == 8]
+    assert 0.4 < len(fim) / len(docs) < 0.6
+    for doc, ids in zip(docs, out):
+        if ids[0] != 8:
+            assert ids == tok.encode(doc, allow_special=False)
+            continue
+        assert sorted(i for i in ids if i in (8, 9, 10)) == [8, 9, 10]
+        h, e = ids.index(9), ids.index(10)
+        # PSM: begin prefix hole suffix end middle; SPM: begin hole suffix end prefix middle
+        prefix, suffix, middle = tok.decode(ids[1:h]), tok.decode(ids[h + 1:e]), tok.decode(ids[e + 1:])
+        assert prefix + middle + suffix == doc
+    spm = encode_documents(tok, docs, FIMOptions(rate=0.5, spm_rate=1.0, level="char", seed=3))
+    assert all(ids[:2] == [8, 9] for ids in spm if ids[0] == 8)
+    psm = encode_documents(tok, docs, FIMOptions(rate=0.5, spm_rate=0.0, level="char", seed=3))
+    assert sum(ids[:2] == [8, 9] for ids in psm) < 0.1 * len(fim)  # only where the cut left no prefix
+
+
+def test_prepare_applies_fim_to_a_fraction(tok_dir, tmp_path):
+    docs = _code_docs(200)
+    src = tmp_path / "code.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    common = dict(data=str(src), tokenizer=str(tok_dir), progress=False, near_dedup=False, min_chars=1,
+                  max_dup_line_fraction=None, max_dup_ngram_fraction=None, max_symbol_ratio=None,
+                  min_alpha_ratio=None)
+    with pytest.raises(ValueError, match="--fim-rate 1.5: must be in"):
+        PrepareConfig(out=str(tmp_path / "x"), fim_rate=1.5, **common)
+    rep = prepare(PrepareConfig(out=str(tmp_path / "fim"), fim_rate=0.5, fim_level="line", workers=2, **common))
+    assert rep["docs_kept"] == 200
+    ids = TokenShards(tmp_path / "fim")[:].tolist()
+    n_fim = ids.count(8)
+    assert ids.count(9) == ids.count(10) == n_fim and 70 <= n_fim <= 130
+    # the same documents in-process give the same shards (the cut depends on the text alone)
+    rep0 = prepare(PrepareConfig(out=str(tmp_path / "fim0"), fim_rate=0.5, fim_level="line", workers=0,
+                                 **common))
+    assert np.array_equal(TokenShards(tmp_path / "fim0")[:],
+                          TokenShards(tmp_path / "fim")[:])
