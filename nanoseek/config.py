@@ -24,6 +24,16 @@ POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_l
                  "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings")
 
 
+# The rest of the fields DeepSeek's released V3 config.json carries: choices nanoseek's model
+# always makes (every layer past first_k_dense_replace is MoE, no attention dropout, no tensor or
+# expert parallelism baked into the weights) and the sequence-wise balance loss DeepSeek's modeling
+# code trains with (eqs. 17–20, α = nanoseek's default --balance-alpha). Written so that every
+# consumer of a config.json finds what it finds in DeepSeek's; a file that says otherwise for
+# moe_layer_freq describes a different model and is refused.
+FIXED_HF_FIELDS = {"moe_layer_freq": 1, "attention_dropout": 0.0, "ep_size": 1, "pretraining_tp": 1,
+                   "seq_aux": True, "aux_loss_alpha": 1e-4}
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "deepseek_v3"  # or "deepseek_v2" (softmax routing, no bias)
@@ -163,6 +173,7 @@ class ModelConfig:
         d["use_cache"] = True
         # scoring_func/topk_method are kept although transformers' V3 ignores them: DeepSeek's own
         # config.json carries them, and converters (llama.cpp's) read the gating from them
+        d.update(FIXED_HF_FIELDS)
         return d
 
     @classmethod
@@ -200,6 +211,9 @@ class ModelConfig:
             d["num_nextn_predict_layers"] = d["num_mtp_layers"]
         if d.get("model_type", "deepseek_v3") not in ("deepseek_v3", "deepseek_v2"):
             raise ValueError(f"{source}: model_type {d.get('model_type')!r} is not a DeepSeek-V2/V3 model")
+        if d.get("moe_layer_freq", 1) != 1:
+            raise ValueError(f"{source}: moe_layer_freq={d['moe_layer_freq']!r}; nanoseek's DeepSeek-V3 makes every "
+                             "layer from first_k_dense_replace on an MoE layer (moe_layer_freq 1)")
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = d["eos_token_id"][0]
         if d.get("torch_dtype") is None:
