@@ -26,6 +26,15 @@ Chat format (the project-wide contract)::
 
 An assistant message with ``reasoning_content`` renders its content as
 ``<think>\\n{reasoning}\\n</think>\\n{content}``. No other whitespace is added.
+
+Tool calls use DeepSeek-V3's tokens (``TOOL_TOKENS``, trained in after the FIM tokens and found by
+name like them)::
+
+    tools:       <|system|>{tools_text(tools)}                      (right after <|bos|>)
+    tool calls:  <|assistant|>{content}<｜tool▁calls▁begin｜>CALL[\\nCALL…]<｜tool▁calls▁end｜><|eos|>
+    CALL:        <｜tool▁call▁begin｜>function<｜tool▁sep｜>{name}\\n```json\\n{arguments}\\n```<｜tool▁call▁end｜>
+    tool results (consecutive role "tool" messages):
+                 <｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{content}<｜tool▁output▁end｜>[\\n…]<｜tool▁outputs▁end｜>
 Message text is plain text: a "<|assistant|>" typed into a message is those characters, never a
 control id (render_chat encodes only the template's own tags as special tokens).
 
@@ -54,8 +63,15 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, SYSTEM, USER, ASSISTANT, THINK, END_THINK]
 # was cut out (the suffix follows), end = the middle follows
 FIM_BEGIN, FIM_HOLE, FIM_END = "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"
 FIM_TOKENS = [FIM_BEGIN, FIM_HOLE, FIM_END]
+# DeepSeek-V3's tool-call tokens (its chat template's shape: see the module docstring)
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "<｜tool▁sep｜>"
+TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END = "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_TOKENS = [TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_SEP,
+               TOOL_OUTPUTS_BEGIN, TOOL_OUTPUTS_END, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END]
 # trained into every new vocabulary after SPECIAL_TOKENS, looked up by name (older tokenizers lack them)
-EXTRA_TOKENS = [*FIM_TOKENS]
+EXTRA_TOKENS = [*FIM_TOKENS, *TOOL_TOKENS]
 N_BYTES = 256  # byte-level alphabet: every byte must be a token
 
 # The Jinja twin of Tokenizer.render_chat_text. Written on one line with
@@ -63,18 +79,57 @@ N_BYTES = 256  # byte-level alphabet: every byte must be a token
 # enables) cannot eat or add whitespace.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools is defined and tools %}{{ '<|system|>## Tools\\nCall a tool with its name and JSON arguments.\\n' }}"
+    "{% for t in tools %}{% set f = t['function'] if t['function'] is defined else t %}"
+    "{{ '\\n### ' + f['name'] + '\\n' }}"
+    "{% if f['description'] is defined and f['description'] %}{{ f['description'] + '\\n' }}{% endif %}"
+    "{{ 'Parameters: ' + ((f['parameters'] if f['parameters'] is defined and f['parameters'] is not none else {}) | tojson) + '\\n' }}"
+    "{% endfor %}{% endif %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ '<|system|>' + m['content'] }}"
     "{% elif m['role'] == 'user' %}{{ '<|user|>' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}{{ '<|assistant|>' }}"
     "{% if m.reasoning_content is defined and m.reasoning_content is not none %}"
     "{{ '<think>\\n' + m.reasoning_content + '\\n</think>\\n' }}{% endif %}"
-    "{{ m['content'] + '<|eos|>' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% endif %}"
+    "{% if m.tool_calls is defined and m.tool_calls %}{{ '<｜tool▁calls▁begin｜>' }}"
+    "{% for c in m.tool_calls %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% set a = c['function']['arguments'] %}"
+    "{{ '<｜tool▁call▁begin｜>' + (c['type'] if c['type'] is defined else 'function') + '<｜tool▁sep｜>'"
+    " + c['function']['name'] + '\\n```json\\n' + (a if a is string else a | tojson) + '\\n```<｜tool▁call▁end｜>' }}"
+    "{% endfor %}{{ '<｜tool▁calls▁end｜>' }}{% endif %}"
+    "{{ '<|eos|>' }}"
+    "{% elif m['role'] == 'tool' %}"
+    "{% if loop.first or loop.previtem['role'] != 'tool' %}{{ '<｜tool▁outputs▁begin｜>' }}{% else %}{{ '\\n' }}{% endif %}"
+    "{{ '<｜tool▁output▁begin｜>' + m['content'] + '<｜tool▁output▁end｜>' }}"
+    "{% if loop.last or loop.nextitem['role'] != 'tool' %}{{ '<｜tool▁outputs▁end｜>' }}{% endif %}"
     "{% else %}{{ raise_exception('unknown chat role: ' + m['role']) }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}"
     "{% if think is defined and think %}{{ '<think>\\n' }}{% endif %}{% endif %}"
 )
+
+
+def tools_text(tools: list[dict]) -> str:
+    """The system text that lists the callable functions (OpenAI's ``tools`` entries, or their
+    ``function`` objects): name, description and JSON-schema parameters of each."""
+    out = "## Tools\nCall a tool with its name and JSON arguments.\n"
+    for t in tools:
+        f = t.get("function", t)
+        out += f"\n### {f['name']}\n"
+        if f.get("description"):
+            out += f["description"] + "\n"
+        params = f.get("parameters")
+        out += "Parameters: " + json.dumps(params if params is not None else {}, ensure_ascii=False) + "\n"
+    return out
+
+
+def tool_call_text(call: dict) -> str:
+    """One OpenAI ``tool_calls`` entry as the text between <｜tool▁sep｜> and <｜tool▁call▁end｜>:
+    the name, then the arguments (a JSON string, or an object serialised) in a json fence."""
+    f = call["function"]
+    args = f["arguments"] if isinstance(f["arguments"], str) else json.dumps(f["arguments"], ensure_ascii=False)
+    return f"{f['name']}\n```json\n{args}\n```"
 
 
 def _build_backend() -> _HFTokenizer:
@@ -100,6 +155,8 @@ def _content(m: dict) -> str:
     if not isinstance(m, dict) or "role" not in m:
         raise ValueError(f"chat message must be a dict with 'role' and 'content', got {m!r}")
     c = m.get("content")
+    if c is None and m.get("tool_calls"):  # an assistant turn that only calls tools
+        return ""
     if not isinstance(c, str):
         raise ValueError(f"chat message field 'content' must be a string (role={m['role']!r}), got {type(c).__name__}")
     return c
@@ -119,6 +176,8 @@ class Tokenizer:
          self.assistant_id, self.think_id, self.end_think_id) = ids
         fim = [backend.token_to_id(t) for t in FIM_TOKENS]
         self.fim_ids: tuple[int, int, int] | None = None if None in fim else tuple(fim)
+        tool = {t: backend.token_to_id(t) for t in TOOL_TOKENS}
+        self.tool_ids: dict[str, int] | None = None if None in tool.values() else tool
 
     # ---------------------------------------------------------------- building
     @classmethod
@@ -224,7 +283,7 @@ class Tokenizer:
         return [begin, *pre, hole, *suf, end]
 
     # ------------------------------------------------------------------- chat
-    def _chat_segments(self, messages, add_generation_prompt, think):
+    def _chat_segments(self, messages, add_generation_prompt, think, tools=None):
         """Yield (piece, is_assistant, is_control): the template's control tokens one by one,
         and the text between them (message text plus the template's own newlines).
 
@@ -235,8 +294,16 @@ class Tokenizer:
         control tokens are exactly the runs the joined text would be encoded in: for text free
         of special-token strings the ids equal apply_chat_template's.
         """
+        messages = list(messages)
+        if (tools or any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in messages)) \
+                and self.tool_ids is None:
+            raise ValueError(f"this tokenizer has no tool-call tokens ({TOOL_CALLS_BEGIN}, …): tools need a "
+                             "tokenizer trained with them (`nanoseek tokenizer train`)")
         yield BOS, False, True
-        for m in messages:
+        if tools:
+            yield SYSTEM, False, True
+            yield tools_text(tools), False, False
+        for i, m in enumerate(messages):
             role = m.get("role") if isinstance(m, dict) else None
             if role == "system":
                 yield SYSTEM, False, True
@@ -253,29 +320,50 @@ class Tokenizer:
                     yield END_THINK, True, True
                     body = "\n" + body
                 yield body, True, False
+                if m.get("tool_calls"):
+                    yield TOOL_CALLS_BEGIN, True, True
+                    for j, call in enumerate(m["tool_calls"]):
+                        if j:
+                            yield "\n", True, False
+                        yield TOOL_CALL_BEGIN, True, True
+                        yield call.get("type", "function"), True, False
+                        yield TOOL_SEP, True, True
+                        yield tool_call_text(call), True, False
+                        yield TOOL_CALL_END, True, True
+                    yield TOOL_CALLS_END, True, True
                 yield EOS, True, True
+            elif role == "tool":
+                first = i == 0 or messages[i - 1].get("role") != "tool"
+                yield (TOOL_OUTPUTS_BEGIN, False, True) if first else ("\n", False, False)
+                yield TOOL_OUTPUT_BEGIN, False, True
+                yield _content(m), False, False
+                yield TOOL_OUTPUT_END, False, True
+                if i == len(messages) - 1 or messages[i + 1].get("role") != "tool":
+                    yield TOOL_OUTPUTS_END, False, True
             else:
-                raise ValueError(f"unknown chat role {role!r} in message {m!r} (expected system/user/assistant)")
+                raise ValueError(f"unknown chat role {role!r} in message {m!r} (expected system/user/assistant/tool)")
         if add_generation_prompt:
             yield ASSISTANT, False, True
             if think:
                 yield THINK, False, True
                 yield "\n", False, False
 
-    def render_chat_text(self, messages, add_generation_prompt: bool = False, think: bool = False) -> str:
-        return "".join(t for t, _, _ in self._chat_segments(messages, add_generation_prompt, think))
+    def render_chat_text(self, messages, add_generation_prompt: bool = False, think: bool = False,
+                         tools: list[dict] | None = None) -> str:
+        return "".join(t for t, _, _ in self._chat_segments(messages, add_generation_prompt, think, tools))
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False,
-                    think: bool = False) -> tuple[list[int], list[int]]:
+                    think: bool = False, tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Return (ids, loss_mask): mask is 1 exactly on assistant-written tokens.
 
-        That is the assistant content, its think trace and its closing <|eos|> (so the model
-        learns to stop); the <|assistant|> tag itself, system and user turns and the generation
-        prompt are 0. Message text is plain text: only the template emits control ids.
+        That is the assistant content, its think trace, its tool calls and its closing <|eos|>
+        (so the model learns to stop); the <|assistant|> tag itself, system, user and tool turns
+        and the generation prompt are 0. Message text is plain text: only the template emits
+        control ids. ``tools`` (OpenAI's entries) are listed in a system turn after <|bos|>.
         """
         ids: list[int] = []
         mask: list[int] = []
-        for text, trained, control in self._chat_segments(messages, add_generation_prompt, think):
+        for text, trained, control in self._chat_segments(messages, add_generation_prompt, think, tools):
             if control:
                 piece = [self._tok.token_to_id(text)]
             elif text:

@@ -161,8 +161,8 @@ def test_loss_mask_covers_exactly_assistant_tokens(tok):
 
 
 def test_bad_messages_are_named(tok):
-    with pytest.raises(ValueError, match="unknown chat role 'tool'"):
-        tok.render_chat([{"role": "tool", "content": "x"}])
+    with pytest.raises(ValueError, match="unknown chat role 'robot'"):
+        tok.render_chat([{"role": "robot", "content": "x"}])
     with pytest.raises(ValueError, match="'content' must be a string"):
         tok.render_chat([{"role": "user", "content": None}])
 
