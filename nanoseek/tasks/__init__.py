@@ -11,13 +11,14 @@ import json
 import typing
 from typing import Any, Iterator
 
+from ..data import stdlib
 from .arithmetic import ArithmeticTask, corpus_documents, parse_pretrain_answer, pretrain_prompt
 from .base import Problem, Task, extract_answer
 from .countdown import CountdownTask
 from .gsm8k import GSM8KTask, load_gsm8k
 
 TASKS = {"arithmetic": ArithmeticTask, "countdown": CountdownTask, "gsm8k": GSM8KTask}
-CORPORA = {"arith": corpus_documents}
+CORPORA = {"arith": corpus_documents, "stdlib": stdlib.documents}  # stdlib: nanoseek.data.stdlib
 
 
 def get_task(name: str, **knobs) -> Task:
