@@ -145,3 +145,33 @@ def test_prepare_applies_fim_to_a_fraction(tok_dir, tmp_path):
                                  **common))
     assert np.array_equal(TokenShards(tmp_path / "fim0")[:],
                           TokenShards(tmp_path / "fim")[:])
+
+
+def test_long_documents_are_cut_into_pieces_each_fim_or_not(tok):
+    from nanoseek.data.fim import pieces
+
+    doc = "".join(f"def f{i}(x):\n    return x + {i}\n\n\n" for i in range(40))
+    parts = pieces(doc, 120)
+    assert "".join(parts) == doc and all(len(p) <= 120 for p in parts) and len(parts) > 10
+    assert pieces(doc, 0) == [doc] and pieces("x" * 300 + "\n", 120) == ["x" * 300 + "\n"]
+    ids = encode_documents(tok, [doc], FIMOptions(rate=0.5, level="line", max_chars=120, seed=1))[0]
+    n_fim = ids.count(8)
+    assert 0 < n_fim < len(parts) and ids[-1] != tok.eos_id  # the shard writer adds the last one
+    # every FIM piece ends its middle with <|eos|>; the text of all pieces is the document's
+    docs, cur = [], []
+    for i in ids + [tok.eos_id]:
+        if i == tok.eos_id:
+            docs.append(cur)
+            cur = []
+        else:
+            cur.append(i)
+    text = ""
+    for d in docs:
+        if 8 in d:
+            assert d[0] == 8
+            h, e = d.index(9), d.index(10)
+            text += tok.decode(d[1:h]) + tok.decode(d[e + 1:]) + tok.decode(d[h + 1:e])
+        else:
+            text += tok.decode(d)
+    assert text == doc
+    assert len(docs) >= n_fim

@@ -67,6 +67,9 @@ class PrepareConfig:
                                                   "(DeepSeek-Coder: 0.5 on code; 0 for prose)"})
     fim_spm_rate: float = field(default=0.5, metadata={"help": "share of the FIM documents in SPM order (else PSM)"})
     fim_level: str = field(default="char", metadata={"help": "where FIM cuts: char | line", "choices": list(FIM_LEVELS)})
+    fim_max_chars: int = field(default=0, metadata={"help": "FIM cuts longer documents at line breaks into pieces of "
+                                                    "at most this many characters first (fit the training "
+                                                    "window); 0 = whole documents"})
     workers: int = field(default=2, metadata={"help": "tokenizer processes; 0 tokenizes in this process"})
     chunk_docs: int = field(default=256, metadata={"help": "documents per task sent to a worker"})
     shard_tokens: int = field(default=1 << 26, metadata={"help": "start a new shard beyond this many tokens"})
@@ -108,7 +111,7 @@ class PrepareConfig:
                                 if hasattr(self, f.name)})
 
     def fim(self) -> FIMOptions:
-        return FIMOptions(self.fim_rate, self.fim_spm_rate, self.fim_level)
+        return FIMOptions(self.fim_rate, self.fim_spm_rate, self.fim_level, self.fim_max_chars)
 
 
 # --------------------------------------------------------------- workers
