@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("nanoseek.distill.train", "DistillConfig:distill"),
     "cost": ("nanoseek.cost", "CostConfig:cost"),
     "report": ("nanoseek.report", "ReportConfig:report"),
+    "compress": ("nanoseek.compress", "CompressConfig:compress_cmd"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`; a group that is also a command
 # (`nanoseek distill` and `nanoseek distill traces`) runs the command when no sub-command is named
