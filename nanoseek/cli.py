@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cost": ("nanoseek.cost", "CostConfig:cost"),
     "report": ("nanoseek.report", "ReportConfig:report"),
     "compress": ("nanoseek.compress", "CompressConfig:compress_cmd"),
+    "export": ("nanoseek.export.gguf", "ExportConfig:export"),
 }
 # groups: `nanoseek tokenizer train`, `nanoseek data prepare`; a group that is also a command
 # (`nanoseek distill` and `nanoseek distill traces`) runs the command when no sub-command is named
