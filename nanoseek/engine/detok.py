@@ -59,9 +59,10 @@ def token_bytes_table(tokenizer) -> list[bytes] | None:
 class Detokenizer:
     """Feed ids, get text deltas that never end in half a character or half a stop string."""
 
-    def __init__(self, tokenizer, stop: list[str] = (), table: list[bytes] | None = None):
+    def __init__(self, tokenizer, stop: list[str] = (), table: list[bytes] | None = None, skip: bytes = b""):
         self.tokenizer = tokenizer
         self.table = table
+        self.skip = skip  # the first output bytes that are the prompt's own (token healing): not shown
         self.stop = list(stop)
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -76,6 +77,9 @@ class Detokenizer:
             return ""
         if self.table is not None:
             b = self.table[token] if token is not None and 0 <= token < len(self.table) else b""
+            if self.skip:
+                n = len(b) if self.skip.startswith(b) else len(self.skip)
+                b, self.skip = b[n:], self.skip[n:]
             return self.utf8.decode(b, final=final)
         if token is not None:
             self.ids.append(token)

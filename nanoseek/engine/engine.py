@@ -21,6 +21,7 @@ from typing import Iterator
 
 import torch
 
+from .constraints import TextPrefix, VocabIndex
 from .detok import Detokenizer, token_bytes_table
 from .kv_cache import BlockManager, PagedLatentCache
 from .paged_mla import AttnGroup, PagedMLA, attention_groups
@@ -155,6 +156,7 @@ class Engine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_batch_tokens, lookahead=k, backoff=depth)
         self.num_blocks = num_blocks - 1  # usable (block 0 is scratch)
         self._table = token_bytes_table(tokenizer) if tokenizer is not None else None
+        self._vocab_index: VocabIndex | None = None  # token healing's, built on first use
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_token_id
         self._ids = itertools.count()
@@ -260,15 +262,38 @@ class Engine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self._live:
             raise ValueError(f"request id {rid!r} is already in use")
+        constraint = params.constraint() if params.constraint is not None else None
+        healed = b""
+        if params.token_healing and constraint is None:
+            prompt_ids, healed, constraint = self._heal(prompt_ids)
+            n = len(prompt_ids)
         r = Request(rid, prompt_ids, params, min(n + params.max_tokens, self.max_context),
-                    SamplerState(params, prompt_ids, self.config.vocab_size, self.device),
-                    Detokenizer(self.tokenizer, params.stop, self._table), next(self._ids),
+                    SamplerState(params, prompt_ids, self.config.vocab_size, self.device, constraint),
+                    Detokenizer(self.tokenizer, params.stop, self._table, skip=healed), next(self._ids),
                     all_ids=list(prompt_ids), keep_output=_keep_output)
         r.stop_ids = set(params.stop_token_ids) | ({self.eos_id} if self.eos_id is not None and not params.ignore_eos else set())
         r.logprobs = [] if (params.logprobs or params.top_logprobs) else None
         self._live[rid] = r
         self.scheduler.waiting.append(r)
         return rid
+
+    def _heal(self, prompt_ids: list[int]) -> tuple[list[int], bytes, TextPrefix | None]:
+        """Token healing: a prompt that ends mid-token ("def f(n):\\n    " ends in a run of
+        spaces the model rarely saw as one token before code) loses its last token, and the first
+        sampled token(s) must spell that token's text — so the model chooses how the text there
+        is split. The backed-up bytes are the prompt's, so they are left out of the output text.
+        → (the prompt's ids, the backed-up bytes, the constraint); a special last token, a
+        one-token prompt or a tokenizer that is not byte-level is left as it is."""
+        if self._table is None or len(prompt_ids) < 2:
+            return prompt_ids, b"", None
+        if self._vocab_index is None:
+            special = set(self.tokenizer._tok.get_added_tokens_decoder())
+            self._vocab_index = VocabIndex(self._table, special, self.config.vocab_size)
+        last = prompt_ids[-1]
+        text = self._table[last] if last < len(self._table) else b""
+        if not text or last in self._vocab_index.special:
+            return prompt_ids, b"", None
+        return prompt_ids[:-1], text, TextPrefix(self._vocab_index, text)
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its cache blocks; its last event (finish_reason "abort")
@@ -416,7 +441,8 @@ class Engine:
             m = len(got) if r.remaining == 1 else len(p.ids)  # decode/verify: x_N and the drafts kept
             seq = r.all_ids + got
             ends = not got or any(t in r.stop_ids for t in got) or len(seq) >= r.max_len
-            k = 0 if ends else min(self.speculative_tokens, r.max_len - len(seq) - 1)
+            # a constrained request drafts nothing (nanoseek/engine/constraints.py)
+            k = 0 if ends or r.sampler.constraint is not None else min(self.speculative_tokens, r.max_len - len(seq) - 1)
             fills.append(Fill(r, p.start, [p.row0 + i for i in range(m)], seq[p.start + 1:p.start + m + 1], k, got))
         return fills
 
@@ -432,7 +458,8 @@ class Engine:
             taken.append(tok)
             is_stop = tok in r.stop_ids
             delta += r.detok.add(tok, visible=not is_stop)
-            reason = "stop" if (is_stop or r.detok.stopped) else ("length" if len(r.all_ids) >= r.max_len else None)
+            done = r.sampler.constraint is not None and r.sampler.constraint.done  # the grammar is complete
+            reason = "stop" if (is_stop or r.detok.stopped or done) else ("length" if len(r.all_ids) >= r.max_len else None)
             if reason is not None:
                 break
         got = [lp for lp in lps[:len(taken)] if lp is not None] or None

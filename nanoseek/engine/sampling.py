@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
+
+from .constraints import apply_masks
 
 
 @dataclass
@@ -32,6 +35,11 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     ignore_eos: bool = False
+    # allowed-token constraint: a factory called once per request for its own state
+    # (nanoseek/engine/constraints.py; e.g. a Grammar for JSON output)
+    constraint: Callable | None = None
+    # back up the prompt's last token and make the first sampled token(s) spell its text
+    token_healing: bool = False
 
     def __post_init__(self):
         def bad(msg):
@@ -51,6 +59,8 @@ class SamplingParams:
             bad(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if self.top_logprobs < 0:
             bad(f"top_logprobs={self.top_logprobs} must be ≥ 0")
+        if self.constraint is not None and not callable(self.constraint):
+            bad("constraint must be a factory of per-request constraint states (e.g. constraints.Grammar)")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in self.stop if s]
@@ -75,10 +85,12 @@ class TokenLogprob:
 
 
 class SamplerState:
-    """Per-request sampling state: its seed and draw counter and, only if penalties are on, token counts."""
+    """Per-request sampling state: its seed and draw counter, its allowed-token constraint (if
+    any) and, only if penalties are on, token counts."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab: int, device):
+    def __init__(self, params: SamplingParams, prompt_ids: list[int], vocab: int, device, constraint=None):
         self.params = params
+        self.constraint = constraint
         self.seed = None
         if not params.greedy:
             self.seed = int(params.seed) if params.seed is not None else int(torch.randint(2**31, ()))
@@ -92,6 +104,8 @@ class SamplerState:
 
     def observe(self, token: int) -> None:
         self.step += 1
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.counts is not None and 0 <= token < self.counts.shape[0]:
             self.counts[token] += 1
             self.seen[token] = True
@@ -223,10 +237,11 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], states: list[Sampler
 
 
 def sample(logits: torch.Tensor, states: list[SamplerState]) -> tuple[list[int], list[TokenLogprob | None]]:
-    """logits (B, V) fp32, one state per row → next token per row (+ its logprob when asked)."""
+    """logits (B, V) fp32, one state per row → next token per row (+ its logprob when asked).
+    A row's constraint masks its penalised logits before temperature, top-k/top-p and the draw."""
     B = logits.shape[0]
     drawn = [i for i, s in enumerate(states) if not s.params.greedy]
-    x = penalised(logits, states)
+    x = apply_masks(penalised(logits, states), [s.constraint for s in states])
     if len(drawn) == B:
         tokens = draw(x, states)
     else:
