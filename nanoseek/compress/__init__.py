@@ -23,6 +23,7 @@ METHODS: dict[str, str] = {
     "int4": "nanoseek.compress.quant:compress_int4",
     "magnitude": "nanoseek.compress.prune:compress_magnitude",
     "wanda": "nanoseek.compress.prune:compress_wanda",
+    "experts": "nanoseek.compress.experts:compress_experts",
 }
 SUMMARY = "compression.json"
 
@@ -30,13 +31,18 @@ SUMMARY = "compression.json"
 @dataclass
 class CompressConfig:
     ckpt: str = field(metadata={"help": "checkpoint directory, or any stage's run directory (its model/)"})
-    method: str | None = field(default=None, metadata={"help": "fp8 | int8 | int4 | magnitude | wanda "
+    method: str | None = field(default=None, metadata={"help": "fp8 | int8 | int4 | magnitude | wanda | experts "
                                                                 "(one of METHODS; not with --sweep)"})
     out: str | None = field(default=None, metadata={"help": "the compressed checkpoint's directory "
                                                              "(with --sweep: the sweep's directory)"})
     sparsity: float = field(default=0.5, metadata={"help": "pruning: fraction of each matrix's weights set to 0"})
     pattern: str = field(default="unstructured", metadata={"help": "pruning: unstructured | N:M (e.g. 2:4: "
                                                                    "N zeros in every M consecutive inputs)"})
+    score: str = field(default="reap", metadata={"help": "experts: how a routed expert's usefulness is scored on the "
+                                                         "calibration data (reap: gate-weighted output norm; "
+                                                         "frequency: share of routed tokens); --sparsity is then "
+                                                         "the fraction of routed experts dropped per layer",
+                                                 "choices": ["reap", "frequency"]})
     group_size: int = field(default=128, metadata={"help": "int4: input columns sharing one scale and zero"})
     calib: str = field(default="builtin:arith", metadata={
         "help": "calibration and validation data (Wanda's activations, the sweep's bits per byte): "

@@ -1,0 +1,176 @@
+"""Expert pruning: drop the routed experts a calibration set uses least, and write a smaller
+`deepseek_v3` checkpoint (fewer `n_routed_experts`; router rows and bias rewritten to match).
+
+Why per layer and by routing statistics: in a fine-grained MoE each layer's experts specialise
+differently, and what an expert contributes is visible only through the router. Two scores:
+
+* `frequency`: how many calibration tokens choose expert j (its share of the top-k slots);
+* `reap` (Router-weighted Expert Activation Pruning, Lasby et al. 2025): the mean, over the
+  tokens routed to j, of g_j(x)·‖E_j(x)‖₂ — the gate value times the norm of the expert's
+  output, i.e. how much j actually adds to the residual stream when it is chosen.
+
+The router then picks among the experts that remain (top-k of the same affinities, renormalised
+as before), so no weight is changed — only rows are removed. With expert groups (n_group > 1,
+V3's node-limited routing) each group loses the same number of experts, the least useful of that
+group: groups stay contiguous blocks of equal size, so the group-limited choice keeps its
+meaning, and `n_routed_experts` stays divisible by `n_group`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import cast
+from ..config import ModelConfig
+from ..model import DeepSeekV3
+from ..model.moe import MoE
+
+SCORES = ("reap", "frequency")
+
+
+@torch.no_grad()
+def expert_scores(model: DeepSeekV3, batches: Iterable[torch.Tensor], score: str = "reap") -> dict[str, torch.Tensor]:
+    """MoE module name ("layers.3.mlp", "mtp.0.block.mlp") → (n_routed_experts,) usefulness of
+    each routed expert on `batches` of token ids (higher = more useful), from the model's own
+    routing. The batches run with next-token targets, so the MTP modules route them too."""
+    if score not in SCORES:
+        raise ValueError(f"--score {score!r}: expected one of {', '.join(SCORES)}")
+    moes = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+    E = model.config.n_routed_experts
+    total = {name: torch.zeros(E, dtype=torch.float64) for name in moes}
+    hits = {name: torch.zeros(E, dtype=torch.float64) for name in moes}
+
+    def hook(name: str):
+        def record(moe: MoE, args, _out) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            w, idx, _ = moe.gate(x)
+            hits[name] += torch.bincount(idx.flatten(), minlength=E).double()
+            if score == "reap":  # Σ over routed tokens of g_j(x)·‖E_j(x)‖₂
+                ex = moe.experts
+                for e in idx.unique().tolist():
+                    tok, slot = (idx == e).nonzero(as_tuple=True)
+                    xe = x[tok]
+                    out = (F.silu(xe @ ex.gate_proj[e].t()) * (xe @ ex.up_proj[e].t())) @ ex.down_proj[e].t()
+                    total[name][e] += (w[tok, slot].double() * out.double().norm(dim=-1)).sum()
+        return record
+
+    handles = [moe.register_forward_hook(hook(name)) for name, moe in moes.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in batches:
+            model(ids[:, :-1], ids[:, 1:], mtp_weight=1.0)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if score == "frequency":
+        return {name: hits[name] / hits[name].sum().clamp_min(1) for name in moes}
+    return {name: total[name] / hits[name].clamp_min(1) for name in moes}  # never chosen: 0
+
+
+def kept_experts(scores: torch.Tensor, n_keep: int, n_group: int) -> torch.Tensor:
+    """The n_keep experts to keep (ascending ids): in each of the n_group contiguous groups, its
+    n_keep / n_group best by score (ties: the lower id)."""
+    E = scores.shape[0]
+    per = E // n_group
+    keep_per = n_keep // n_group
+    kept = []
+    for g in range(n_group):
+        s = scores[g * per:(g + 1) * per]
+        order = sorted(range(per), key=lambda j: (-float(s[j]), j))[:keep_per]
+        kept += [g * per + j for j in sorted(order)]
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def pruned_config(c: ModelConfig, sparsity: float) -> ModelConfig:
+    """The config with round(sparsity · E) routed experts fewer, the count a multiple of n_group
+    (each group loses the same number) — refused in one line where that leaves too few."""
+    E, G = c.n_routed_experts, c.n_group
+    if not E or not any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)):
+        raise ValueError("--method experts: this model has no routed experts to prune")
+    drop = round(sparsity * E / G) * G
+    keep = E - drop
+    why = None
+    if keep < c.num_experts_per_tok:
+        why = f"fewer than num_experts_per_tok={c.num_experts_per_tok}"
+    elif G > 1 and keep // G < 2:
+        why = "fewer than 2 per expert group (a group is scored by its top-2 experts)"
+    elif keep // G * c.topk_group < c.num_experts_per_tok:
+        why = (f"fewer than num_experts_per_tok={c.num_experts_per_tok} within topk_group={c.topk_group} "
+               f"of n_group={G} groups")
+    if why:
+        raise ValueError(f"--sparsity {sparsity}: dropping {drop} of {E} routed experts ({drop // G} per group "
+                         f"of n_group={G}) leaves {keep}, {why}")
+    return c.replace(n_routed_experts=keep)
+
+
+@torch.no_grad()
+def prune_experts(model: DeepSeekV3, batches: Iterable[torch.Tensor], sparsity: float = 0.25,
+                  score: str = "reap") -> tuple[DeepSeekV3, dict]:
+    """A copy of `model` with the least useful routed experts of every MoE layer removed (the
+    same number per layer, as n_routed_experts is one number; the MTP modules' too), and what
+    was kept and why."""
+    cfg = pruned_config(model.config, sparsity)
+    scores = expert_scores(model, batches, score)
+    pruned = DeepSeekV3(cfg)
+    own = model.state_dict()
+    kept = {name: kept_experts(s, cfg.n_routed_experts, cfg.n_group) for name, s in scores.items()}
+    state = {}
+    for name, t in pruned.state_dict().items():
+        src = own[name]
+        if src.shape != t.shape:  # router rows, bias entries, stacked expert weights: indexed by expert
+            src = src.index_select(0, kept[name.rsplit(".", 2)[0]])  # "layers.3.mlp" + ".gate.weight"
+        state[name] = src
+    pruned.load_state_dict(state)
+    cast(pruned, next(model.parameters()).dtype)
+    report = {
+        "score": score,
+        "n_routed_experts": [model.config.n_routed_experts, cfg.n_routed_experts],
+        "kept": {name: k.tolist() for name, k in kept.items()},
+        "scores": {name: [round(float(v), 6) for v in s] for name, s in scores.items()},
+    }
+    return pruned.eval(), report
+
+
+def calibration_batches(spec: str, tokenizer, n: int, seq_len: int, seed: int, batch: int = 8):
+    """n windows of seq_len tokens from a token shard directory or builtin:NAME[?knobs] (generated
+    with `seed`), in batches."""
+    from ..data.shards import TokenShards
+    from ..data.sources import parse_builtin
+    from ..train.data import builtin_tokens
+
+    need = n * seq_len
+    if spec.startswith("builtin:"):
+        name, docs, spec_seed, knobs = parse_builtin(spec, default_n=max(32, need // 32))
+        tokens = builtin_tokens(name, docs, spec_seed if "seed=" in spec else seed, tokenizer, knobs)
+    elif Path(spec).is_dir():
+        shards = TokenShards(Path(spec))
+        tokens = np.asarray(shards[0:min(len(shards), need)], dtype=np.int64)
+    else:
+        raise FileNotFoundError(f"--calib {spec}: not a token shard directory or builtin:NAME")
+    if len(tokens) < need:
+        reps = -(-need // max(len(tokens), 1))
+        tokens = np.tile(tokens, reps)
+    rows = torch.from_numpy(tokens[:need].copy()).view(n, seq_len)
+    return list(rows.split(batch))
+
+
+def compress_experts(cfg) -> dict:
+    """`nanoseek compress --method experts`: prune cfg.sparsity of the routed experts by --score."""
+    from ..checkpoint import ckpt_flag, load_pretrained, save_pretrained
+    from ..tokenizer import Tokenizer
+
+    ckpt = ckpt_flag(cfg.ckpt)
+    tok = Tokenizer.load(ckpt)
+    model = load_pretrained(ckpt)
+    pruned_config(model.config, cfg.sparsity)  # refused before calibration runs
+    batches = calibration_batches(cfg.calib, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
+    pruned, report = prune_experts(model, batches, cfg.sparsity, cfg.score)
+    save_pretrained(pruned, cfg.out, extra={"tokenizer": lambda p: tok.save(p)})
+    return report
