@@ -308,25 +308,58 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
     layer count (from the safetensors headers) — and every value is finite, read one tensor at a
     time. Only then is the model built, and the values copied in (never all of the file and the
     model in memory at once).
+
+    A directory whose config.json has a `quantization_config` (DeepSeek's fp8 blocks,
+    compressed-tensors int8/int4: nanoseek/compress/) is dequantized as it is read; for int8/int4
+    `model.quantization` tells the engine which integer kernels to run.
     """
+    from .compress.formats import Codec, quantization_config
+
     path = resolve_ckpt(path)
     cfg = ModelConfig.load(path / "config.json")
     files = _weight_files(path)
     headers = _headers(files)
+    qc = quantization_config(path)  # fp8 / int8 / int4 directories: read through their codec
+    codec = Codec(qc, path) if qc else None
+    if codec is not None:
+        read = _reader(headers)
+        headers = codec.headers(headers, read)
     shapes = _check_size(cfg, path / "config.json")
     plan = _plan(cfg, headers, shapes, path)
     by_file: dict[Path, list[tuple[str, str, int | None]]] = {}
     for key, name, expert in plan:
         by_file.setdefault(headers[key][0], []).append((key, name, expert))
-    for (key, _, _), t in _tensors(by_file):  # values first, one tensor at a time: nothing built yet
+
+    def tensors():  # a quantized tensor is decoded on each pass, so it too is never held twice
+        if codec is None:
+            return _tensors(by_file)
+        return (((key, name, expert), codec.read(key, read)) for key, name, expert in plan)
+
+    for (key, _, _), t in tensors():  # values first, one tensor at a time: nothing built yet
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{headers[key][0]}: key {key!r} holds NaN or infinite values")
     model = DeepSeekV3(cfg)  # initialised, so anything the file may lack (MTP) has defined values
     own = model.state_dict()
     with torch.no_grad():
-        for (_, name, expert), t in _tensors(by_file):
+        for (_, name, expert), t in tensors():
             (own[name][expert] if expert is not None else own[name]).copy_(t)
+    model.quantization = codec.kernel if codec is not None else None  # what the engine packs into
     return cast(model.to(device), dtype).eval()
+
+
+def _reader(headers: dict[str, tuple[Path, tuple[int, ...], str]]):
+    """key → the stored tensor, from whichever file holds it (a quantized weight's scales are
+    separate keys, possibly in another shard)."""
+    def read(key: str) -> torch.Tensor:
+        if key not in headers:
+            raise KeyError(key)
+        f = headers[key][0]
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                return h.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
+    return read
 
 
 def _tensors(by_file: dict[Path, list[tuple[str, str, int | None]]]):
