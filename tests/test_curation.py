@@ -84,7 +84,7 @@ def prepared(corpus, tok_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("prep")
     _write_jsonl(root / "in.jsonl", corpus[0])
     cfg = PrepareConfig(data=str(root / "in.jsonl"), tokenizer=str(tok_dir), out=str(root / "out"),
-                        workers=2, chunk_docs=3, shard_tokens=3000, progress=False)
+                        workers=2, chunk_docs=3, shard_tokens=3000, progress=False, shuffle=False, val_fraction=0.0)
     return cfg, prepare(cfg)
 
 
@@ -142,7 +142,7 @@ def test_report_counts_exactly_what_was_planted(prepared, corpus):
     assert report["docs_in"] == len(docs)
     assert report["docs_kept"] == N_CLEAN
     assert report["docs_removed"] == sum(planted.values())
-    assert report["removed"]["too_long"] == {"docs": 0, "chars": 0}
+    assert report["removed"]["too_long"] == {"docs": 0, "chars": 0, "largest": []}
     assert report["removed"]["too_short"]["chars"] == sum(len(t) for t in JUNK["too_short"])
     on_disk = json.loads((TokenShards(cfg.out).dir / "report.json").read_text())
     assert on_disk == report

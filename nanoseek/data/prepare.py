@@ -1,9 +1,18 @@
 """`nanoseek data prepare`: documents -> clean documents -> token shards.
 
-One streaming pass: each document is normalised, checked by the quality rules,
-by the exact and the near-duplicate index, and, when it survives, sent to a
-worker pool to be tokenized and appended to the shards. Nothing but hashes and
-MinHash band tables is kept per document, so the corpus never sits in memory.
+One streaming pass: each document is normalised, checked by the quality rules
+of its profile (prose or code, see `clean`), by the exact and the near-duplicate
+index, and, when it survives, sent to a worker pool to be tokenized and appended
+to the shards; a rejected one is a line of rejected.jsonl (its source and rule).
+Nothing but hashes and MinHash band tables is kept per document, so the corpus
+never sits in memory.
+
+Then the documents are put in a seeded random order (`shards.reorder`): folders
+and globs are read in sorted order, and training reads consecutive windows, so
+without it a run that stops early has seen only the alphabetically first part of
+the corpus. A seeded random `--val-fraction` of the documents goes last and is the
+validation set (index.json's val_docs): held out by document, never the tail of
+one package.
 
 Curation runs in the main process because deduplication is sequential by
 nature (whether a document is a duplicate depends on all earlier ones);
@@ -17,6 +26,7 @@ interrupted run never leaves a half-written shard directory behind.
 
 from __future__ import annotations
 
+import heapq
 import json
 import multiprocessing as mp
 import os
@@ -29,23 +39,32 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nanoseek.data.clean import NORMAL_FORMS, QualityConfig, build_rules, dedup_key, first_failed_rule, normalize
+from nanoseek.data.clean import (NORMAL_FORMS, PROFILES, QualityConfig, build_rules, dedup_key, first_failed_rule,
+                                 normalize)
 from nanoseek.data.dedup import ExactDedup, NearDedup
 from nanoseek.data.fim import LEVELS as FIM_LEVELS, FIMOptions, encode_documents
-from nanoseek.data.shards import ShardWriter
-from nanoseek.data.sources import iter_documents
+from nanoseek.data.shards import ShardWriter, reorder
+from nanoseek.data.sources import iter_records
+
+TOP_REJECTED = 5  # sources named per rule in the report (the largest documents it removed)
 
 
 @dataclass
 class PrepareConfig:
     """`nanoseek data prepare`: clean, deduplicate and tokenize a corpus."""
 
-    data: str = field(metadata={"help": "a .txt/.jsonl/.parquet file, a folder, a glob or builtin:NAME[?n=&seed=]"})
+    data: str = field(metadata={"help": "a text/code (.txt, .py, …), .jsonl or .parquet file, a folder, a glob, "
+                                        "builtin:NAME[?n=&seed=] or hf:NAME[:CONFIG][?split=]"})
     tokenizer: str = field(metadata={"help": "tokenizer directory (tokenizer.json), e.g. from `nanoseek tokenizer train`"})
-    out: str = field(metadata={"help": "output directory: token shards, index.json, report.json, config.json, clean.jsonl"})
+    out: str = field(metadata={"help": "output directory: token shards, index.json, report.json, config.json, clean.jsonl, rejected.jsonl"})
     text_field: str = field(default="text", metadata={"help": "jsonl/parquet column holding the text"})
     max_docs: int | None = field(default=None, metadata={"help": "read at most this many input documents"})
     normalize: str = field(default="NFC", metadata={"help": "Unicode normal form: NFC | NFKC | none"})
+    strict_files: bool = field(default=False, metadata={"help": "stop at a file that cannot be read (not UTF-8, "
+                                                        "corrupt) instead of skipping it and naming it in the report"})
+    profile: str = field(default="prose", metadata={"help": "quality rules for prose (symbol, repetition) or code "
+                                                    "(line length, generated, licence, data tables)",
+                                                    "choices": list(PROFILES)})
     # quality rules (None switches a rule off; see nanoseek.data.clean)
     min_chars: int | None = field(default=QualityConfig.min_chars, metadata={"help": "drop shorter documents"})
     max_chars: int | None = field(default=QualityConfig.max_chars, metadata={"help": "drop longer documents"})
@@ -57,6 +76,16 @@ class PrepareConfig:
         "help": "drop documents with more repeated lines than this fraction"})
     max_dup_ngram_fraction: float | None = field(default=QualityConfig.max_dup_ngram_fraction, metadata={
         "help": "drop documents with more repeated word n-grams than this fraction"})
+    max_line_length: int | None = field(default=QualityConfig.max_line_length, metadata={
+        "help": "code: drop documents with a longer line (minified, blobs)"})
+    max_mean_line_length: float | None = field(default=QualityConfig.max_mean_line_length, metadata={
+        "help": "code: drop documents whose mean line is longer"})
+    auto_generated: bool = field(default=QualityConfig.auto_generated, metadata={
+        "help": "code: drop documents whose header says DO NOT EDIT / @generated"})
+    max_license_fraction: float | None = field(default=QualityConfig.max_license_fraction, metadata={
+        "help": "code: drop documents whose leading licence comment is more than this share of the lines"})
+    max_data_line_fraction: float | None = field(default=QualityConfig.max_data_line_fraction, metadata={
+        "help": "code: drop documents with more lines of bare literals (data tables) than this share"})
     exact_dedup: bool = field(default=True, metadata={"help": "drop exact duplicates (after normalisation)"})
     near_dedup: bool = field(default=True, metadata={"help": "drop near-duplicates (MinHash LSH)"})
     near_dup_threshold: float = field(default=0.8, metadata={"help": "estimated Jaccard of word shingles at which "
@@ -73,7 +102,12 @@ class PrepareConfig:
     workers: int = field(default=2, metadata={"help": "tokenizer processes; 0 tokenizes in this process"})
     chunk_docs: int = field(default=256, metadata={"help": "documents per task sent to a worker"})
     shard_tokens: int = field(default=1 << 26, metadata={"help": "start a new shard beyond this many tokens"})
-    write_clean: bool = field(default=True, metadata={"help": "also write the kept documents to clean.jsonl"})
+    shuffle: bool = field(default=True, metadata={"help": "put the training documents in a seeded random order"})
+    val_fraction: float = field(default=0.01, metadata={"help": "share of the documents (seeded, random) held out "
+                                                        "as validation, at the end of the stream"})
+    seed: int = field(default=0, metadata={"help": "seeds the document order and the validation choice"})
+    write_clean: bool = field(default=True, metadata={"help": "also write the kept documents to clean.jsonl "
+                                                      "(in input order)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing, non-empty --out directory"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar and print the report"})
 
@@ -89,8 +123,14 @@ class PrepareConfig:
         need(self.max_docs is None or self.max_docs >= 1, "max_docs", "must be ≥ 1")
         for name in ("min_chars", "max_chars"):
             need(getattr(self, name) is None or getattr(self, name) >= 0, name, "must be ≥ 0")
-        for name in ("min_alpha_ratio", "max_symbol_ratio", "max_dup_line_fraction", "max_dup_ngram_fraction"):
+        for name in ("min_alpha_ratio", "max_symbol_ratio", "max_dup_line_fraction", "max_dup_ngram_fraction",
+                     "max_license_fraction", "max_data_line_fraction"):
             need(getattr(self, name) is None or 0 <= getattr(self, name) <= 1, name, "must be in [0, 1]")
+        for name in ("max_line_length", "max_mean_line_length"):
+            need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be ≥ 1")
+        if self.profile not in PROFILES:
+            raise ValueError(f"--profile {self.profile!r}: expected one of {', '.join(PROFILES)}")
+        need(0 <= self.val_fraction < 1, "val_fraction", "must be in [0, 1)")
         need(0 <= self.near_dup_threshold <= 1, "near_dup_threshold", "must be in [0, 1]")
         for name in ("num_perm", "shingle_words", "chunk_docs", "shard_tokens"):
             need(getattr(self, name) >= 1, name, "must be ≥ 1")
@@ -160,6 +200,7 @@ class _Curator:
         self.near = NearDedup(cfg.near_dup_threshold, cfg.num_perm, cfg.shingle_words) if cfg.near_dedup else None
         self.removed_docs: Counter = Counter()
         self.removed_chars: Counter = Counter()
+        self.top: dict[str, list[tuple[int, str]]] = {}  # rule -> (chars, source) of its largest removals
         self.docs_in = self.chars_in = self.docs_kept = self.chars_kept = 0
 
     def verdict(self, raw: str) -> tuple[str | None, str]:
@@ -176,8 +217,9 @@ class _Curator:
             return "near_dup", text
         return None, text
 
-    def __call__(self, docs, bar):
-        for raw in docs:
+    def __call__(self, records, bar, rejected):
+        """Yield the kept texts of (source, text) records; write one line per removal to ``rejected``."""
+        for source, raw in records:
             self.docs_in += 1
             self.chars_in += len(raw)
             rule, text = self.verdict(raw)
@@ -185,6 +227,11 @@ class _Curator:
             if rule:
                 self.removed_docs[rule] += 1
                 self.removed_chars[rule] += len(raw)
+                rejected.write(json.dumps({"source": source, "rule": rule, "chars": len(raw)}, ensure_ascii=False) + "\n")
+                top = self.top.setdefault(rule, [])
+                heapq.heappush(top, (len(raw), source))
+                if len(top) > TOP_REJECTED:
+                    heapq.heappop(top)
                 continue
             self.docs_kept += 1
             self.chars_kept += len(text)
@@ -214,7 +261,8 @@ def prepare(cfg: PrepareConfig) -> dict:
         raise ValueError(f"chunk_docs must be positive, got {cfg.chunk_docs}")
     tok = Tokenizer.load(cfg.tokenizer)  # fail early on a bad tokenizer dir
     cfg.fim().check(tok, cfg.tokenizer)
-    docs = iter_documents(cfg.data, text_field=cfg.text_field)
+    skipped: list[tuple[str, str]] = []
+    docs = iter_records(cfg.data, text_field=cfg.text_field, skipped=skipped, strict=cfg.strict_files)
     if cfg.max_docs is not None:
         docs = islice(docs, cfg.max_docs)
     # read the first document now: a file that cannot be read at all (not UTF-8, not JSON) is
@@ -227,13 +275,14 @@ def prepare(cfg: PrepareConfig) -> dict:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        writer = ShardWriter(tmp, tok.vocab_size, tok.eos_id, cfg.shard_tokens)
+        writer = ShardWriter(tmp / "input-order", tok.vocab_size, tok.eos_id, cfg.shard_tokens)
         curator = _Curator(cfg)
         clean_f = open(tmp / "clean.jsonl", "w", encoding="utf-8") if cfg.write_clean else None
+        rejected_f = open(tmp / "rejected.jsonl", "w", encoding="utf-8")
         bar = tqdm(desc="prepare", unit="doc", disable=not cfg.progress, file=sys.stderr)
 
         def kept():  # tee the kept texts into clean.jsonl as they pass
-            for text in curator(docs, bar):
+            for text in curator(docs, bar, rejected_f):
                 if clean_f:
                     clean_f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
                 yield text
@@ -245,8 +294,11 @@ def prepare(cfg: PrepareConfig) -> dict:
         bar.close()
         if clean_f:
             clean_f.close()
-        index = writer.close()
-        report = _report(cfg, curator, index)
+        rejected_f.close()
+        writer.close()
+        index = reorder(tmp / "input-order", tmp, cfg.val_fraction, cfg.seed, cfg.shuffle, cfg.shard_tokens)
+        shutil.rmtree(tmp / "input-order")
+        report = _report(cfg, curator, index, skipped)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         if out.exists():
@@ -261,19 +313,24 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 # ------------------------------------------------------------------ report
-def _report(cfg: PrepareConfig, c: _Curator, index: dict) -> dict:
+def _report(cfg: PrepareConfig, c: _Curator, index: dict, skipped: list[tuple[str, str]]) -> dict:
     order = ["empty"] + [name for name, _ in c.rules] + ["exact_dup", "near_dup"]
     return {
         "data": cfg.data,
+        "profile": cfg.profile,
+        "files_skipped": [{"path": p, "why": why} for p, why in skipped],
         "docs_in": c.docs_in,
         "chars_in": c.chars_in,
-        "removed": {r: {"docs": c.removed_docs[r], "chars": c.removed_chars[r]} for r in order},
+        "removed": {r: {"docs": c.removed_docs[r], "chars": c.removed_chars[r],
+                        "largest": [src for _, src in sorted(c.top.get(r, []), reverse=True)]} for r in order},
         "docs_removed": sum(c.removed_docs.values()),
         "docs_kept": c.docs_kept,
         "chars_kept": c.chars_kept,
         "tokens": index["num_tokens"],  # including one <|eos|> per document
         "shards": len(index["shards"]),
         "dtype": index["dtype"],
+        "val_docs": index["val_docs"],
+        "shuffled": index["shuffled"],
     }
 
 
@@ -287,5 +344,14 @@ def format_report(report: dict) -> str:
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"tokens: {report['tokens']} in {report['shards']} shard(s) of {report['dtype']}")
+    lines.append(f"tokens: {report['tokens']} in {report['shards']} shard(s) of {report['dtype']}; "
+                 f"the last {report['val_docs']} document(s) are validation; "
+                 + ("shuffled" if report["shuffled"] else "training documents in input order"))
+    for rule, r in report["removed"].items():
+        if r["largest"]:
+            lines.append(f"largest removed by {rule}: {', '.join(r['largest'])}")
+    skipped = report["files_skipped"]
+    if skipped:
+        lines.append(f"{len(skipped)} file(s) skipped: " + "; ".join(f"{s['path']} ({s['why']})" for s in skipped[:10])
+                     + (" …" if len(skipped) > 10 else ""))
     return "\n".join(lines)

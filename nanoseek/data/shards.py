@@ -3,7 +3,8 @@
 Layout of a shard directory::
 
     index.json              format, dtype, vocab_size, eos_id, per-shard token
-                            and document counts
+                            and document counts; val_docs (the last val_docs
+                            documents are the validation set) and shuffled
     shard_00000.bin         raw token ids (uint16 when vocab < 65536, else uint32)
     shard_00000.docs.npy    int64 start offset of each document inside the shard
 
@@ -75,15 +76,37 @@ class ShardWriter:
         self._n += n
         return n
 
-    def close(self) -> dict:
-        """Finish the open shard and write ``index.json``; returns the index."""
+    def close(self, **meta) -> dict:
+        """Finish the open shard and write ``index.json`` (with ``meta``); returns the index."""
         self._close()
         index = {"format": FORMAT, "version": VERSION, "dtype": self.dtype.name,
                  "vocab_size": self.vocab_size, "eos_id": self.eos_id,
                  "num_tokens": sum(s["tokens"] for s in self.shards),
-                 "num_docs": sum(s["docs"] for s in self.shards), "shards": self.shards}
+                 "num_docs": sum(s["docs"] for s in self.shards), **meta, "shards": self.shards}
         (self.dir / INDEX).write_text(json.dumps(index, indent=1) + "\n")
         return index
+
+
+def reorder(src, dst, val_fraction: float, seed: int, shuffle: bool = True, shard_tokens: int = 1 << 26) -> dict:
+    """Rewrite the shards of ``src`` into ``dst`` in a seeded order; returns the new index.
+
+    ``round(val_fraction · docs)`` documents, drawn at random, go last: the validation set, by
+    document (index ``val_docs``). The others follow in a seeded random order with ``shuffle``,
+    else in the order of ``src``. Documents are copied one by one from the memmap, so memory
+    holds the document offsets only.
+    """
+    ts = TokenShards(src)
+    n = len(ts.doc_starts)
+    rng = np.random.default_rng(seed)
+    n_val = min(round(n * val_fraction), n - 1) if n > 1 else 0
+    val = np.sort(rng.choice(n, n_val, replace=False)) if n_val else np.empty(0, np.int64)
+    train = np.setdiff1d(np.arange(n), val)
+    if shuffle:
+        rng.shuffle(train)
+    writer = ShardWriter(dst, ts.vocab_size, ts.eos_id, shard_tokens)
+    for i in np.concatenate([train, val]):
+        writer.add(ts.document(int(i))[:-1])  # add() closes it with <|eos|> again
+    return writer.close(val_docs=int(n_val), shuffled=bool(shuffle), seed=int(seed))
 
 
 class TokenShards:

@@ -15,6 +15,7 @@ therefore see the same 8 sequences in the same step — the property the DDP par
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from ..data.shards import TokenShards
-from ..data.sources import parse_builtin
+from ..data.sources import FILE_CORPORA, parse_builtin
 
 BUILTIN_DEFAULT_DOCS = 20_000  # ≈ 6M tokens of builtin:arith: more than a CPU demo run sees
 VAL_SEED_OFFSET = 1_000_003  # the validation stream of a builtin corpus uses another seed
@@ -46,9 +47,10 @@ def builtin_tokens(name: str, n_docs: int, seed: int, tokenizer, knobs: dict | N
 class TokenStream:
     """A flat, indexable token sequence: a TokenShards view or an in-memory array."""
 
-    def __init__(self, tokens, vocab_size: int | None = None):
+    def __init__(self, tokens, vocab_size: int | None = None, shuffled: bool = True):
         self.tokens = tokens
         self.vocab_size = vocab_size
+        self.shuffled = shuffled  # documents in a random order (a built-in corpus is generated so)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -72,7 +74,8 @@ def open_streams(data: str, tokenizer=None, val_fraction: float = 0.01,
                  val_docs: int = 200) -> tuple[TokenStream, TokenStream]:
     """(train, val) streams for a shard directory or builtin:NAME spec.
 
-    Shards: the last `val_fraction` of the tokens is validation, never trained on.
+    Shards: the documents `data prepare` held out (index.json's val_docs, the last ones); for
+    shards without them, the documents that start in the last `val_fraction` of the tokens.
     Builtin: validation is `val_docs` documents generated from a different seed.
     """
     if data.startswith("builtin:"):
@@ -80,7 +83,10 @@ def open_streams(data: str, tokenizer=None, val_fraction: float = 0.01,
             raise ValueError(f"--data {data}: a builtin corpus needs a tokenizer to be tokenized with")
         name, n, seed, knobs = parse_builtin(data, BUILTIN_DEFAULT_DOCS)
         train = builtin_tokens(name, n, seed, tokenizer, knobs)
-        val = builtin_tokens(name, val_docs, seed + VAL_SEED_OFFSET, tokenizer, knobs)
+        if "split" in knobs or name in FILE_CORPORA:  # a corpus of files holds its own split out
+            val = builtin_tokens(name, val_docs, seed, tokenizer, {**knobs, "split": "validation"})
+        else:
+            val = builtin_tokens(name, val_docs, seed + VAL_SEED_OFFSET, tokenizer, knobs)
         return TokenStream(train, tokenizer.vocab_size), TokenStream(val, tokenizer.vocab_size)
     path = Path(data)
     if not path.is_dir():
@@ -91,12 +97,31 @@ def open_streams(data: str, tokenizer=None, val_fraction: float = 0.01,
         raise ValueError(f"--data {data}: shards were tokenized with vocab_size={shards.vocab_size}, "
                          f"but the tokenizer has {tokenizer.vocab_size}; pass the tokenizer used by prepare")
     n = len(shards)
-    n_val = int(n * val_fraction)
-    if n < 2 or n - n_val < 2:
+    val_docs = int(shards.index.get("val_docs", 0))
+    if val_docs:  # prepare held out whole documents, drawn at random, at the end
+        cut = int(shards.doc_starts[-val_docs])
+    else:  # shards without a validation set: from the first document that starts in the last
+        # val_fraction of the tokens (the last document when none does; a one-document stream is cut)
+        starts = shards.doc_starts
+        cut = int(starts[min(int(np.searchsorted(starts, n - int(n * val_fraction))), len(starts) - 1)])
+        cut = cut or n - int(n * val_fraction)
+    if n < 2 or cut < 2:
         raise ValueError(f"--data {data}: only {n} tokens, too few to train on")
-    train = TokenStream(_Slice(shards, 0, n - n_val), shards.vocab_size)
-    val = TokenStream(_Slice(shards, n - n_val, n) if n_val > 1 else _Slice(shards, 0, n), shards.vocab_size)
+    shuffled = bool(shards.index.get("shuffled", False))
+    train = TokenStream(_Slice(shards, 0, cut), shards.vocab_size, shuffled)
+    val = TokenStream(_Slice(shards, cut, n) if n - cut > 1 else _Slice(shards, 0, n), shards.vocab_size)
     return train, val
+
+
+def warn_partial_pass(stream: TokenStream, tokens: int, data: str) -> None:
+    """Windows are read in order: a run that reads less than one pass of a stream whose
+    documents are in input order (sorted folders, an old shard directory) trains on its first
+    documents only, and says so."""
+    if not stream.shuffled and tokens < len(stream):
+        warnings.warn(f"--data {data}: this run reads {tokens:,} of the {len(stream):,} training tokens, whose "
+                      f"documents are in input order (not shuffled): it sees only the first "
+                      f"{tokens / len(stream):.0%} of them; prepare the data again with --shuffle true",
+                      stacklevel=2)
 
 
 class _Slice:

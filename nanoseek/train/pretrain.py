@@ -27,7 +27,7 @@ import torch.distributed as dist
 from ..config import preset
 from ..model import DeepSeekV3
 from ..data.sources import parse_builtin
-from .data import BUILTIN_DEFAULT_DOCS, BatchLoader, open_streams, val_batches
+from .data import BUILTIN_DEFAULT_DOCS, BatchLoader, open_streams, val_batches, warn_partial_pass
 from .loop import Trainer, TrainConfig, start_run
 
 
@@ -137,6 +137,8 @@ def pretrain(cfg: PretrainConfig, on_step=None) -> Path:
     if train.vocab_size and train.vocab_size > mcfg.vocab_size:
         raise ValueError(f"--data {cfg.data}: ids up to {train.vocab_size} but the model has {mcfg.vocab_size}")
     loader = BatchLoader(train, cfg.batch_size, cfg.seq_len, rt.rank, rt.world_size)
+    if rt.is_main:
+        warn_partial_pass(train, cfg.max_steps * loader.tokens_per_step, cfg.data)
     model = DeepSeekV3(mcfg)
     trainer = Trainer(cfg, model, tokenizer=tok, rt=rt,
                       find_unused_parameters=not cfg.mtp_weight and mcfg.num_nextn_predict_layers > 0)
