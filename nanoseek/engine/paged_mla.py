@@ -25,7 +25,9 @@ paged cache's latents [c_kv ; k_pe] (docs/deepseek.md, MLA), and cuts the ops wi
   rows of similar length (`AttnGroup`), and a long prompt's queries attend in blocks, each
   scored only against the keys up to its own last row, so the score tensor stays small;
 * the latents are gathered into a buffer kept across steps: a fresh multi-MB tensor every layer
-  costs page faults that, on a CPU, took longer than the gather itself.
+  costs page faults that, on a CPU, took longer than the gather itself;
+* an int8/int4 checkpoint (`model.quantization`, set by the loader) has every folded matrix but
+  the router's and the head's packed for an integer kernel (nanoseek/compress/kernels.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,26 @@ _SMALL = 64 * 2**20  # bytes: extra copies of weights (stacked experts, lm_head)
 
 def _t(w: torch.Tensor, dtype) -> torch.Tensor:
     return w.t().contiguous().to(dtype)
+
+
+# x·W for an engine matrix W: a transposed (in, out) tensor, or one packed for an integer kernel
+# (an int8/int4 checkpoint: nanoseek/compress/kernels.py)
+def _mm(x, w):
+    return torch.mm(x, w) if isinstance(w, torch.Tensor) else w.mm(x)
+
+
+def _addmm(h, x, w, alpha: float = 1.0):
+    """h + alpha·x·W (out of place)."""
+    if isinstance(w, torch.Tensor):
+        return torch.addmm(h, x, w, alpha=alpha)
+    return h.add(w.mm(x), alpha=alpha)
+
+
+def _addmm_(h, x, w, alpha: float = 1.0):
+    """h += alpha·x·W."""
+    if isinstance(w, torch.Tensor):
+        return h.addmm_(x, w, alpha=alpha)
+    return h.add_(w.mm(x), alpha=alpha)
 
 
 def _fold_layer(layer, c, dt) -> dict:
@@ -144,6 +166,10 @@ class PagedMLA:
             gain = (m.shared_head_norm.weight.double() * D ** 0.5).to(dt)
             self.mtp.append(dict(eh=_t(m.eh_proj.weight.double() * g, dt), layer=_fold_layer(m.block, c, dt),
                                  gain=gain, head_t=_head(w, gain)))
+        if getattr(model, "quantization", None):  # an int8/int4 checkpoint: integer kernels
+            from ..compress.kernels import pack_folded
+
+            pack_folded(self, model.quantization)
         self._buf = None  # the gathered latents, reused across steps
         self._rope = None  # [cos; cos] and [−sin; sin] of positions 0 … n−1, computed as `rotary` does
 
@@ -164,14 +190,14 @@ class PagedMLA:
     @staticmethod
     def _swiglu_h(x, gate_up):
         """silu(x·W_gate) ⊙ (x·W_up), in place in the left half of one matmul's output."""
-        g, u = torch.mm(x, gate_up).chunk(2, 1)
+        g, u = _mm(x, gate_up).chunk(2, 1)
         return F.silu(g, inplace=True).mul_(u)
 
     def _expert_h(self, x, M, e):
         if M["gu"] is not None:
             return self._swiglu_h(x, M["gu"][e])
         xg = x * M["g2"]  # big models: the gain applied here instead of into a copy
-        return F.silu(torch.mm(xg, M["gate"][e])) * torch.mm(xg, M["up"][e])
+        return F.silu(_mm(xg, M["gate"][e])) * _mm(xg, M["up"][e])
 
     def _moe(self, h: torch.Tensor, x: torch.Tensor, L: dict) -> torch.Tensor:
         """h + shared expert(x) + Σ_k g_k · expert_k(x), accumulated by addmm/index_add_ (h, the
@@ -180,21 +206,21 @@ class PagedMLA:
         w, idx, _ = M["route"].route(torch.mm(x if x.dtype == torch.float32 else x.float(), M["router"]))
         down = M["down"]
         if L["gate_up"] is not None:
-            h = torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
+            h = _addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
         N = x.shape[0]
         if N <= 4:  # a few tokens (decode, draft verification): each visits its own k experts, its
             # gates as Python floats (addmm's alpha) — fewer ops than grouping tokens by expert
             rows = zip(x.chunk(N), h.chunk(N)) if N > 1 else [(x, h)]
             for (xt, ht), es, gs in zip(rows, idx.tolist(), w.tolist()):
                 for e, g in zip(es, gs):
-                    ht.addmm_(self._expert_h(xt, M, e), down[e], alpha=g)
+                    _addmm_(ht, self._expert_h(xt, M, e), down[e], alpha=g)
             return h
         k = idx.shape[1]
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, as Experts.forward
         token = order // k
         xs = x.index_select(0, token).split_with_sizes(torch.bincount(flat, minlength=len(down)).tolist())
-        outs = [torch.mm(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
+        outs = [_mm(self._expert_h(xe, M, e), down[e]) for e, xe in enumerate(xs) if xe.shape[0]]
         y = torch.cat(outs) * w.reshape(-1)[order, None].to(x.dtype)  # (no-op for fp32)
         return h.index_add_(0, token, y)
 
@@ -245,11 +271,11 @@ class PagedMLA:
         N = h.shape[0]
         cos2, sin2, cos_q, sin_q = rope
         x = self._rms(h)
-        parts = (torch.mm(x, L["w_in"]) if L["b_in"] is None else torch.addmm(L["b_in"], x, L["w_in"])
+        parts = (_mm(x, L["w_in"]) if L["b_in"] is None else _addmm(L["b_in"], x, L["w_in"])
                  ).split_with_sizes(L["split"], -1)  # (Tensor.split is a Python wrapper)
         if L["wq"] is not None:
             a, lat, lat_alt = parts
-            q, q_alt = torch.mm(self._rms(a), L["wq"]).split_with_sizes(L["q_split"], -1)
+            q, q_alt = _mm(self._rms(a), L["wq"]).split_with_sizes(L["q_split"], -1)
         else:
             q, q_alt, lat, lat_alt = parts
         q = q.view(N, H, r + dr)
@@ -272,13 +298,13 @@ class PagedMLA:
             o = q.new_empty(N, H * r)
             for g in groups:
                 g.attend(q[g.t0:g.t1], blocks, L["scale"], out=o[g.t0:g.t1])
-        h = torch.addmm(h, o, L["wo"])
+        h = _addmm(h, o, L["wo"])
         if L["bo"] is not None:
             h += L["bo"]
         x = self._rms(h)
         if L["moe"] is not None:
             return self._moe(h, x, L)
-        return torch.addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
+        return _addmm(h, self._swiglu_h(x, L["gate_up"]), L["down"])
 
     def hidden(self, ids: torch.Tensor, pos: torch.Tensor, kv: torch.Tensor, write: torch.Tensor,
                groups: list["AttnGroup"], block_size: int, top: int) -> torch.Tensor:
@@ -304,7 +330,7 @@ class PagedMLA:
         M = self.mtp[j]
         rope = self._prepare(pos, kv, groups, block_size, top)
         e = F.embedding(ids, self.model.embed_tokens.weight)
-        h = torch.mm(torch.cat((self._rms(e), self._rms(h_prev)), -1), M["eh"])
+        h = _mm(torch.cat((self._rms(e), self._rms(h_prev)), -1), M["eh"])
         return self._layer(h, M["layer"], kv[len(self.layers) + j], write, groups, rope, block_size, keep)
 
 

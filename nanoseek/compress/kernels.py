@@ -1,0 +1,93 @@
+"""The engine's matrices on integer CPU kernels: int8 per output channel, int4 per input group.
+
+The engine (nanoseek/engine/paged_mla.py) folds norms and MLA's up-projections into new matrices
+at load time; for an int8/int4 checkpoint each folded matrix is quantized again, with the
+checkpoint's own scheme (quant.quantize), and packed for its kernel:
+
+* int8 → fbgemm's `quantized::linear_dynamic`: int8 weights (one scale per output channel), the
+  activations quantized to 8 bits per call (one scale per call), int32 accumulation. Torch's
+  weight-only int8 kernel (`_weight_int8pack_mm`) was slower than the fp32 matmul on the AVX-512
+  CPU this was measured on (docs/compression.md), fbgemm's several times faster;
+* int4 → torch's `_weight_int4pack_mm_for_cpu`: weight-only, one scale per group of inputs, the
+  activations in bf16 (the kernel's fast path), the result back in fp32.
+
+The router (it picks experts by small margins), the embedding and the output head stay in fp32.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .quant import group_for, quantize
+
+
+class PackedLinear:
+    """x (N, in) fp32 → x·Wᵀ (N, out) fp32 for a matrix packed for an integer kernel."""
+
+    def __init__(self, w: torch.Tensor, bits: int, group_size: int | None = None):
+        self.out_features, self.in_features = w.shape
+        self.bits = bits
+        if bits == 8:
+            q, s = quantize(w, 8, None)
+            s = s[:, 0].double()
+            with warnings.catch_warnings():  # quantized tensors are only fbgemm's packing input here
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(q, s, torch.zeros_like(s, dtype=torch.long), 0)
+                self.packed = torch.ops.quantized.linear_prepack(qw, None)
+            self.nbytes = q.numel() + 4 * s.numel()
+        else:
+            self.group = group_size
+            q, s = quantize(w, 4, group_size)
+            pad = -self.out_features % 16  # the kernel packs rows in 16s
+            qu = torch.nn.functional.pad(q.to(torch.int32) + 8, (0, 0, 0, pad), value=8)
+            s = torch.nn.functional.pad(s, (0, 0, 0, pad))
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qu, 1)
+            # (in/group, out, 2): w = (q_u − 8)·scale + zero, zero 0 (symmetric)
+            self.scales_zeros = torch.stack((s, torch.zeros_like(s)), -1).transpose(0, 1).contiguous().bfloat16()
+            self.nbytes = q.numel() // 2 + 2 * self.scales_zeros.numel()
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return torch.ops.quantized.linear_dynamic(x, self.packed)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), self.packed, self.group, self.scales_zeros)
+        return y[:, :self.out_features].float()
+
+
+def packable(w: torch.Tensor, spec: dict) -> int | None | bool:
+    """False if the (in, out) engine matrix w stays fp32; else its group (None for int8)."""
+    if w.dim() != 2 or w.dtype != torch.float32:
+        return False
+    if spec["bits"] == 8:
+        return None
+    g = group_for(w.shape[0], spec["group_size"])
+    return False if g is None or g < 32 else g
+
+
+def pack(w: torch.Tensor, spec: dict):
+    """An engine matrix, stored transposed (in, out), → a PackedLinear (or w itself if it stays fp32)."""
+    g = packable(w, spec)
+    if g is False:
+        return w
+    return PackedLinear(w.t().float(), spec["bits"], g)
+
+
+def pack_folded(paged, spec: dict) -> None:
+    """Replace every folded matrix of a PagedMLA (attention, FFNs, experts, MTP's eh_proj) by its
+    packed form; the router and the head stay as they are."""
+    def layer(L: dict) -> None:
+        for k in ("w_in", "wq", "wo", "gate_up", "down"):
+            if L.get(k) is not None:
+                L[k] = pack(L[k], spec)
+        M = L.get("moe")
+        if M is not None:
+            for k in ("gu", "gate", "up", "down"):
+                if M.get(k) is not None:
+                    M[k] = [pack(w, spec) for w in M[k]]
+
+    for L in paged.layers:
+        layer(L)
+    for M in paged.mtp:
+        M["eh"] = pack(M["eh"], spec)
+        layer(M["layer"])
