@@ -160,3 +160,49 @@ def test_old_shards_without_a_validation_set_split_at_a_document(tmp_path):
     train, val = open_streams(str(tmp_path), val_fraction=0.15)
     assert (len(train), len(val)) == (900, 100) and not train.shuffled  # the tenth document, whole
     assert np.all(val.window(0, 99) == 19)
+
+
+# ---------------------------------------------------------------- eval --bpb
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("seq_len", [None, 7])
+def test_eval_bpb_is_the_hand_computed_sum_of_minus_log2_p_over_bytes(ckpt, tmp_path, seq_len):
+    import math
+
+    import torch
+
+    from nanoseek.checkpoint import load_pretrained
+    from nanoseek.eval.tasks import EvalConfig, eval_task
+
+    texts = ["12+34=46\nQ: 7+5\n", "A: 9+9=18 é\n"]  # é: two bytes, so bytes ≠ characters
+    for i, t in enumerate(texts):
+        (tmp_path / f"held_{i}.txt").write_text(t, encoding="utf-8")
+    res = eval_task(EvalConfig(ckpt=str(ckpt), bpb=str(tmp_path), seq_len=seq_len, out=str(tmp_path / "r.json")))
+    assert json.loads((tmp_path / "r.json").read_text()) == res
+
+    tok, model = Tokenizer.load(ckpt), load_pretrained(ckpt)
+    T = seq_len or model.config.max_position_embeddings
+    bits, n_tok = 0.0, 0
+    for t in texts:
+        seq = [tok.eos_id, *tok.encode(t, allow_special=False)]
+        for start in range(0, len(seq) - 1, T):  # windows of T targets, each seeing only itself
+            x = torch.tensor([seq[start:start + T]])
+            targets = seq[start + 1:start + T + 1]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(x)[0].double(), -1)
+            bits -= sum(float(logp[i, y]) for i, y in enumerate(targets)) / math.log(2)
+            n_tok += len(targets)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert (res["docs"], res["tokens"], res["bytes"], res["seq_len"]) == (2, n_tok, n_bytes, T)
+    assert res["bpb"] == pytest.approx(bits / n_bytes, rel=1e-5)
+    assert res["bpb"] > 0.5  # a random tiny model: several bits per byte, not a degenerate 0
+
+
+def test_eval_needs_exactly_one_of_task_and_bpb(ckpt):
+    from nanoseek.eval.tasks import EvalConfig
+
+    with pytest.raises(ValueError, match="exactly one of --task NAME .* or --bpb"):
+        EvalConfig(ckpt=str(ckpt))
+    with pytest.raises(ValueError, match="exactly one of --task"):
+        EvalConfig(ckpt=str(ckpt), task="arithmetic", bpb="x.txt")
+    with pytest.raises(ValueError, match="--seq-len 0"):
+        EvalConfig(ckpt=str(ckpt), bpb="x.txt", seq_len=0)

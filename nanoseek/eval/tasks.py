@@ -20,7 +20,7 @@ from .metrics import maj_at_k, pass_at_1, pass_at_k
 @dataclass
 class EvalConfig:
     ckpt: str = field(metadata={"help": "checkpoint directory, or any stage's run directory (its model/)"})
-    task: str = field(metadata={"help": "arithmetic | countdown | gsm8k"})
+    task: str | None = field(default=None, metadata={"help": "arithmetic | countdown | gsm8k; or --bpb"})
     task_args: dict = field(default_factory=dict, metadata={"help": 'task knobs as JSON, e.g. {"digits": 3}'})
     template: str = field(default="chat", metadata={"choices": ["chat", "r1-zero"]})
     n: int = field(default=200, metadata={"help": "held-out problems"})
@@ -29,6 +29,10 @@ class EvalConfig:
     top_p: float = 1.0
     seed: int = field(default=1234, metadata={"help": "pins the problems and every sample's seed"})
     max_tokens: int = 128
+    bpb: str | None = field(default=None, metadata={"help": "instead of a task: bits per byte on this held-out text "
+                                                    "(a file, folder, glob or builtin:stdlib?split=validation)"})
+    seq_len: int | None = field(default=None, metadata={"help": "--bpb: tokens per scored window (default: the "
+                                                        "model's context)"})
     out: str | None = field(default=None, metadata={"help": "write the result JSON here"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
     speculative_tokens: int = field(default=0, metadata={"help": SPECULATIVE_TOKENS_HELP})
@@ -40,6 +44,15 @@ class EvalConfig:
         from ..tasks import task_from_flags
 
         check_speculative_tokens(self.speculative_tokens)
+        if (self.task is None) == (self.bpb is None):
+            raise ValueError("exactly one of --task NAME (held-out problems) or --bpb FILE|DIR (bits per byte) is needed")
+        if self.bpb is not None:
+            if self.seq_len is not None and self.seq_len < 1:
+                raise ValueError(f"--seq-len {self.seq_len}: must be ≥ 1")
+            if self.out is not None and Path(self.out).is_dir():
+                raise ValueError(f"--out {self.out}: is a directory; expected the path of the result JSON file")
+            check_device(self.device)
+            return
         for name in ("n", "k", "max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
@@ -108,8 +121,11 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
 
 
 def eval_task(cfg: EvalConfig) -> dict:
-    """pass@1 and maj@k of a checkpoint on a built-in task, with pinned sampling."""
-    res = evaluate_task(cfg)
+    """pass@1 and maj@k of a checkpoint on a built-in task, with pinned sampling (or, with --bpb,
+    its bits per byte on held-out text: nanoseek.eval.bpb)."""
+    from .bpb import eval_bpb
+
+    res = eval_bpb(cfg) if cfg.bpb is not None else evaluate_task(cfg)
     print(json.dumps(res, indent=2))
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
