@@ -231,7 +231,7 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["eval", "--ckpt", "{empty}", "--task", "arithmetic"], ["--ckpt {empty}", "empty directory"]),
     (["eval", "--ckpt", "{unfinished}", "--task", "arithmetic"], ["--ckpt {unfinished}", "no model/"]),
     (["eval", "--ckpt", "{missing}", "--task", "arithmetic"], ["--ckpt {missing}", "no such"]),
-    (["eval", "--ckpt", "{ckpt}"], ["the following arguments are required: --task"]),
+    (["eval", "--ckpt", "{ckpt}"], ["exactly one of --task NAME", "or --bpb FILE|DIR"]),
     # ------------------------------------------------------------------ distill, distill traces
     (["distill"], ["the following arguments are required: --out, --teacher, --student, --data"]),
     ([*DIST, "--loss", "kd"], ["argument --loss: invalid choice: 'kd'", "reverse_kl"]),
