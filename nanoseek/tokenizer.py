@@ -268,7 +268,7 @@ class Tokenizer:
         return self._tok.id_to_token(int(i))
 
     # -------------------------------------------------------------------- FIM
-    def fim_prompt(self, prefix: str, suffix: str, spm: bool = False) -> list[int]:
+    def fim_prompt(self, prefix: str, suffix: str, spm: bool = False, add_bos: bool = False) -> list[int]:
         """The ids that ask for the middle between ``prefix`` and ``suffix`` (PSM, or SPM with
         ``spm``); a training document is these ids followed by the middle's. The texts are
         plain text: a FIM or chat tag typed into them is those characters."""
@@ -278,9 +278,8 @@ class Tokenizer:
                              "trained on FIM data")
         begin, hole, end = self.fim_ids
         pre, suf = self.encode_batch([prefix, suffix], allow_special=False)
-        if spm:
-            return [begin, hole, *suf, end, *pre]
-        return [begin, *pre, hole, *suf, end]
+        ids = [begin, hole, *suf, end, *pre] if spm else [begin, *pre, hole, *suf, end]
+        return [self.bos_id, *ids] if add_bos else ids
 
     # ------------------------------------------------------------------- chat
     def _chat_segments(self, messages, add_generation_prompt, think, tools=None):

@@ -175,3 +175,167 @@ def test_long_documents_are_cut_into_pieces_each_fim_or_not(tok):
             text += tok.decode(d)
     assert text == doc
     assert len(docs) >= n_fim
+
+
+# ------------------------------------------------------------------ a scripted FIM model
+HIDDEN = "\treturn x"  # a tab: every token of the answer is distinct, so each names the next
+
+
+def _scripted_fim_checkpoint(path, scale: float = 12.0):
+    """A tiny real checkpoint whose greedy continuation of <｜fim▁end｜> is HIDDEN + "\\n" then
+    <|eos|>: chain tokens get orthonormal embeddings and each one's head row points at the next
+    (as nanoseek.serve.testing's scripted model)."""
+    import torch
+
+    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.config import preset
+    from nanoseek.model import DeepSeekV3
+
+    tok = Tokenizer.train([CODE.replace("    ", "\t")] * 5 + _code_docs(), vocab_size=400)
+    answer = tok.encode(HIDDEN + "\n", allow_special=False)
+    chain = [tok.fim_ids[2], *answer, tok.eos_id]
+    assert len(set(chain)) == len(chain)
+    torch.manual_seed(0)
+    model = DeepSeekV3(preset("tiny", vocab_size=tok.vocab_size)).float()
+    d = model.config.hidden_size
+    with torch.no_grad():
+        emb = torch.randn(tok.vocab_size, d)
+        emb = emb / emb.norm(dim=1, keepdim=True)
+        emb[chain] = torch.linalg.qr(torch.randn(d, d))[0][: len(chain)]
+        model.embed_tokens.weight.copy_(emb)
+        head = torch.zeros(tok.vocab_size, d)
+        for a, b in zip(chain[:-1], chain[1:]):
+            head[b] = scale / d**0.5 * emb[a]
+        model.lm_head.weight.copy_(head)
+    save_pretrained(model, path, extra={"tokenizer": tok.save})
+    return path
+
+
+@pytest.fixture(scope="module")
+def fim_ckpt(tmp_path_factory):
+    return _scripted_fim_checkpoint(tmp_path_factory.mktemp("fim") / "scripted")
+
+
+@pytest.fixture(scope="module")
+def old_ckpt(tmp_path_factory):
+    """A checkpoint whose tokenizer predates the FIM tokens."""
+    import torch
+    from tokenizers import pre_tokenizers, trainers
+
+    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.config import preset
+    from nanoseek.model import DeepSeekV3
+    from nanoseek.tokenizer import _build_backend
+
+    backend = _build_backend()
+    backend.train_from_iterator([CODE] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    old = Tokenizer(backend)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("old") / "old"
+    save_pretrained(DeepSeekV3(preset("tiny", vocab_size=old.vocab_size)), path, extra={"tokenizer": old.save})
+    return path
+
+
+def test_generate_suffix_fills_the_middle(fim_ckpt, old_ckpt, capsys):
+    from nanoseek.cli import main
+    from nanoseek.engine.chat import GenerateConfig, generate_cmd
+
+    answer = generate_cmd(GenerateConfig(ckpt=str(fim_ckpt), prompt="def f(x):\n", suffix="\n\nprint(f(1))\n",
+                                         temperature=0, max_tokens=16))
+    assert answer == HIDDEN + "\n"
+    assert capsys.readouterr().out == "def f(x):\n" + HIDDEN + "\n" + "\n\nprint(f(1))\n" + "\n"
+    assert main(["generate", "--ckpt", str(old_ckpt), "--prompt", "def f(x):\n", "--suffix", "x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--suffix: this tokenizer has no FIM tokens" in err[0]
+
+
+def test_completions_suffix_through_openai_client(fim_ckpt, old_ckpt):
+    openai = pytest.importorskip("openai")
+    from nanoseek.engine import Engine
+    from nanoseek.serve import ServeConfig, create_app
+    from nanoseek.serve.testing import ServerThread
+
+    tok = Tokenizer.load(fim_ckpt)
+    engine = Engine(str(fim_ckpt), device="cpu", block_size=16, max_num_seqs=4)
+    seen = []
+    add = engine.add_request
+    engine.add_request = lambda ids, *a, **k: seen.append(list(ids)) or add(ids, *a, **k)
+    app = create_app(engine, ServeConfig(ckpt=str(fim_ckpt), api_key=["sk-fim-0123456789"]))
+    with ServerThread(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-fim-0123456789", max_retries=0, timeout=60)
+        r = client.completions.create(model="nanoseek", prompt="def f(x):\n", suffix="\nprint(f(2))\n",
+                                      temperature=0, max_tokens=16)
+        assert seen == [tok.fim_prompt("def f(x):\n", "\nprint(f(2))\n", add_bos=True)]
+        assert r.choices[0].text == HIDDEN + "\n" and r.choices[0].finish_reason == "stop"
+        assert r.usage.prompt_tokens == len(seen[0]) and r.usage.completion_tokens == len(tok.encode(HIDDEN)) + 2
+        with pytest.raises(openai.BadRequestError, match="suffix takes the prompt as text"):
+            client.completions.create(model="nanoseek", prompt=[1, 2, 3], suffix="x", max_tokens=4)
+    old_app = create_app(Engine(str(old_ckpt), device="cpu", block_size=16, max_num_seqs=2),
+                         ServeConfig(ckpt=str(old_ckpt), api_key=["sk-fim-0123456789"]))
+    with ServerThread(old_app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="sk-fim-0123456789", max_retries=0, timeout=60)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model="nanoseek", prompt="def f(x):\n", suffix="x", max_tokens=4)
+        assert e.value.status_code == 400 and "tokenizer has none" in e.value.message
+        assert e.value.body["param"] == "suffix"
+
+
+HELD_OUT = '''def f(x):
+\treturn x
+
+
+def g(x, y):
+\treturn x + y
+
+
+class K:
+\tdef m(self, x):
+\t\t"""A docstring is never the hidden line."""
+\t\treturn x
+
+
+def h(x):
+\treturn x
+'''
+
+
+def test_hidden_lines_are_one_line_statements_of_a_function_body():
+    from nanoseek.eval.fim import answer, holes
+
+    found = holes([HELD_OUT, "def broken(:\n", CODE], n=100, seed=0)
+    by_name = {h.source.split(":")[1]: h for h in found}
+    assert sorted(by_name) == ["add", "f", "g", "h", "m", "scale"]  # the file that does not parse is skipped
+    assert by_name["g"].prefix == "def g(x, y):\n" and by_name["g"].line == "\treturn x + y"
+    assert by_name["g"].suffix == ""
+    assert by_name["m"].prefix.startswith("\tdef m(self, x):\n\t\t\"\"\"") and by_name["m"].line == "\t\treturn x"
+    add = by_name["add"]
+    assert add.line in ("    total = a + b", "    return total")
+    assert add.prefix + add.line + "\n" + add.suffix == CODE[:CODE.index("\n\n\ndef scale")] + "\n"
+    assert holes([CODE] * 3, n=2, seed=0) == holes([CODE] * 3, n=2, seed=0) and len(holes([CODE], 1)) == 1
+    assert answer("\tx = 1\nmore", "fim") == "\tx = 1"
+    assert answer("\n\tx = 1\nmore", "prefix") == "\tx = 1" and answer("x", "prefix") is None
+
+
+def test_eval_fim_task_reports_exact_match_both_ways(fim_ckpt, old_ckpt, tmp_path, capsys):
+    from nanoseek.cli import main
+
+    src = tmp_path / "held_out.py"
+    src.write_text(HELD_OUT)
+    out = tmp_path / "fim.json"
+    assert main(["eval", "--ckpt", str(fim_ckpt), "--task", "fim", "--data", str(src), "--max-tokens", "12",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    # the scripted model answers "\treturn x" to every hole: f, h and m's hole is that line (m's with
+    # two tabs, so a miss), g's is not
+    assert res["n"] == 4 and res["fim_exact_match"] == 0.5
+    assert {s["fim"] for s in res["samples"]} == {HIDDEN}
+    assert res["prefix_exact_match"] == 0.0
+    assert main(["eval", "--ckpt", str(old_ckpt), "--task", "fim", "--data", str(src), "--max-tokens", "4",
+                 "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "fim_exact_match" not in res and res["prefix_exact_match"] == 0.0 and res["n"] == 4
+    capsys.readouterr()
+    assert main(["eval", "--ckpt", str(fim_ckpt), "--task", "fim"]) == 2
+    assert "--task fim: needs --data" in capsys.readouterr().err

@@ -64,7 +64,7 @@ class _Sampling:
         ckpt_flag(self.ckpt)  # a file, a missing or empty directory, a run without model/
         check_device(self.device)
         # argv bytes that are not UTF-8 arrive as lone surrogates, which no tokenizer can encode
-        for name in ("prompt", "system", "stop"):
+        for name in ("prompt", "suffix", "system", "stop"):
             values = getattr(self, name, None)
             for v in [values] if isinstance(values, str) else (values or []):
                 if not _valid_unicode(v):
@@ -99,6 +99,8 @@ class GenerateConfig(_Sampling):
     """`nanoseek generate`: complete one prompt, streaming the text."""
 
     prompt: str = field(default="", metadata={"help": "the text to continue"})
+    suffix: str | None = field(default=None, metadata={"help": "fill in the middle between --prompt and this text "
+                                                       "(FIM: the model's tokenizer needs FIM tokens)"})
     chat: bool = field(default=False, metadata={"help": "wrap the prompt as a user turn of the chat template"})
     think: bool = field(default=False, metadata={"help": "with --chat: open a <think> block for the reply"})
 
@@ -157,11 +159,19 @@ class ThinkPrinter:
 
 def generate_cmd(cfg: GenerateConfig) -> str:
     """Complete one prompt with a checkpoint, streaming the text to the terminal."""
-    if not cfg.prompt:
+    if not cfg.prompt and cfg.suffix is None:
         raise ValueError("--prompt is required")
+    if cfg.chat and cfg.suffix is not None:
+        raise ValueError("--suffix fills in plain text; it does not go with --chat")
     eng = cfg.engine()
     tok = eng.tokenizer
-    if cfg.chat:
+    if cfg.suffix is not None:
+        try:
+            ids = tok.fim_prompt(cfg.prompt, cfg.suffix)
+        except ValueError as e:
+            raise ValueError(f"--suffix: {e}") from None
+        sys.stdout.write(cfg.prompt)
+    elif cfg.chat:
         ids = tok.render_chat([{"role": "user", "content": cfg.prompt}], add_generation_prompt=True, think=cfg.think)[0]
     else:
         ids = tok.encode(cfg.prompt)
@@ -170,6 +180,8 @@ def generate_cmd(cfg: GenerateConfig) -> str:
     last = None
     for last in eng.stream(ids, cfg.params()):
         printer.write(last.text_delta)
+    if cfg.suffix is not None:
+        sys.stdout.write(cfg.suffix)
     printer.close()
     if last is not None:
         print(f"[{last.num_completion_tokens} tokens, finish: {last.finish_reason}]", file=sys.stderr)

@@ -20,7 +20,7 @@ from .metrics import maj_at_k, pass_at_1, pass_at_k
 @dataclass
 class EvalConfig:
     ckpt: str = field(metadata={"help": "checkpoint directory, or any stage's run directory (its model/)"})
-    task: str | None = field(default=None, metadata={"help": "arithmetic | countdown | gsm8k; or --bpb"})
+    task: str | None = field(default=None, metadata={"help": "arithmetic | countdown | gsm8k | fim (hidden-line exact match on --data); or --bpb"})
     task_args: dict = field(default_factory=dict, metadata={"help": 'task knobs as JSON, e.g. {"digits": 3}'})
     template: str = field(default="chat", metadata={"choices": ["chat", "r1-zero"]})
     n: int = field(default=200, metadata={"help": "held-out problems"})
@@ -34,6 +34,8 @@ class EvalConfig:
     seq_len: int | None = field(default=None, metadata={"help": "--bpb: tokens per scored window (default: the "
                                                         "model's context)"})
     out: str | None = field(default=None, metadata={"help": "write the result JSON here"})
+    data: str | None = field(default=None, metadata={"help": "held-out code for --task fim: a .py file, a folder or "
+                                                     "builtin:stdlib?split=validation"})
     device: str | None = field(default=None, metadata={"help": "cpu | cuda (default: cuda if available)"})
     speculative_tokens: int = field(default=0, metadata={"help": SPECULATIVE_TOKENS_HELP})
 
@@ -64,7 +66,12 @@ class EvalConfig:
             raise ValueError(f"--seed {self.seed}: must be in [-2^63, 2^63)")
         if self.template not in ("chat", "r1-zero"):
             raise ValueError(f"--template {self.template!r}: expected chat or r1-zero")
-        task_from_flags(self.task, self.task_args)
+        if self.task == "fim":
+            if not self.data:
+                raise ValueError("--task fim: needs --data (held-out Python code: a .py file, a folder or "
+                                 "builtin:stdlib?split=validation)")
+        else:
+            task_from_flags(self.task, self.task_args)
         if self.out is not None and Path(self.out).is_dir():
             raise ValueError(f"--out {self.out}: is a directory; expected the path of the result JSON file")
         check_device(self.device)
@@ -85,6 +92,8 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     from ..checkpoint import ckpt_flag
     from ..train.grpo import build_prompt, reward_kwargs
 
+    if cfg.task == "fim":
+        return _evaluate_fim(cfg, model, tok)
     task = get_task(cfg.task, **cfg.task_args)
     if model is None:
         path = ckpt_flag(cfg.ckpt)
@@ -118,6 +127,28 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
         "truncated": sum(o.finish_reason == "length" for o in outs) / len(outs),
     }
     return res
+
+
+def _evaluate_fim(cfg: EvalConfig, model=None, tok=None) -> dict:
+    """Greedy hidden-line exact match by FIM and from the prefix alone (nanoseek.eval.fim)."""
+    from ..checkpoint import ckpt_flag
+    from ..data.sources import iter_documents
+    from ..engine import Engine
+    from ..tokenizer import Tokenizer
+    from .fim import MODES, exact_match, holes
+
+    if model is None:
+        path = ckpt_flag(cfg.ckpt)
+        tok = Tokenizer.load(path)
+        engine = Engine(path, tok, device=cfg.device, speculative_tokens=cfg.speculative_tokens)
+    else:
+        engine = Engine(model, tok, speculative_tokens=cfg.speculative_tokens)
+    modes = MODES if tok.fim_ids is not None else ("prefix",)  # a tokenizer without FIM tokens: prefix only
+    found = holes(iter_documents(cfg.data), cfg.n, cfg.seed)
+    if not found:
+        raise ValueError(f"--data {cfg.data}: no Python function with a line to hide")
+    return {"task": "fim", "data": cfg.data, "seed": cfg.seed,
+            **exact_match(engine, tok, found, modes, max_tokens=cfg.max_tokens)}
 
 
 def eval_task(cfg: EvalConfig) -> dict:

@@ -631,9 +631,13 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
     async def completions(req: CompletionRequest, request: Request):
         check_unicode(req)
         srv.check_model(req.model)
-        if req.suffix is not None:
-            raise APIError(422, "suffix (fill-in-the-middle) is not supported: nanoseek's tokenizer has no FIM "
-                           "tokens", "invalid_parameter", param="suffix")
+        if req.suffix is not None:  # fill-in-the-middle: each prompt is the prefix
+            if srv.tok.fim_ids is None:
+                raise APIError(400, "suffix (fill-in-the-middle) needs a model trained with FIM tokens; this "
+                               "checkpoint's tokenizer has none", "invalid_request_error", param="suffix")
+            if req.echo or not all(isinstance(p, str) for p in req.prompts()):
+                raise APIError(400, "suffix takes the prompt as text (a string or a list of strings) and no echo",
+                               "invalid_request_error", param="suffix")
         if req.max_tokens == 0 and not req.echo:
             raise APIError(422, "max_tokens 0 is only allowed with echo: true (it scores the prompt without "
                            "generating); otherwise max_tokens must be ≥ 1", "invalid_parameter", param="max_tokens")
@@ -647,7 +651,11 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         ticket = srv.admit()
         try:
             texts = [p for p in prompts if isinstance(p, str)]
-            encoded = iter(await asyncio.to_thread(srv.tok.encode_batch, texts, True, False) if texts else [])
+            if req.suffix is not None:
+                encoded = iter([await asyncio.to_thread(srv.tok.fim_prompt, p, req.suffix, add_bos=True)
+                                for p in texts])
+            else:
+                encoded = iter(await asyncio.to_thread(srv.tok.encode_batch, texts, True, False) if texts else [])
             prompt_ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
             top = req.logprobs or 0
             jobs = _jobs(srv, req, prompt_ids, req.logprobs is not None, top)
