@@ -44,11 +44,12 @@ class CompressConfig:
                                                          "the fraction of routed experts dropped per layer",
                                                  "choices": ["reap", "frequency"]})
     group_size: int = field(default=128, metadata={"help": "int4: input columns sharing one scale and zero"})
-    calib: str = field(default="builtin:arith", metadata={
+    calib: str = field(default="builtin:arith?n=500&chat=0.3", metadata={
         "help": "calibration and validation data (Wanda's activations, the sweep's bits per byte): "
                 "a token shard directory or builtin:NAME"})
     calib_samples: int = field(default=32, metadata={"help": "calibration sequences"})
     seq_len: int = field(default=256, metadata={"help": "tokens per calibration / validation sequence"})
+    val_tokens: int = field(default=16384, metadata={"help": "validation tokens (loss, bits per byte)"})
     sweep: bool = field(default=False, metadata={"help": "run every method × setting and measure each"})
     budget: float | None = field(default=None, metadata={
         "help": "with --sweep: the fastest variant whose held-out accuracy is at most this many points "
@@ -78,7 +79,7 @@ class CompressConfig:
         parse_pattern(self.pattern)
         if self.group_size < 1 or self.group_size & (self.group_size - 1):
             raise ValueError(f"--group-size {self.group_size}: must be a power of two ≥ 1 (e.g. 32, 64, 128)")
-        for name in ("calib_samples", "seq_len", "n"):
+        for name in ("calib_samples", "seq_len", "val_tokens", "n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be ≥ 1")
 
