@@ -22,7 +22,10 @@ from hypothesis import strategies as st
 
 from nanoseek.serve import ServeConfig, create_app
 from nanoseek.serve.testing import CONTENT, REASONING, ServerThread, make_scripted_checkpoint
-from nanoseek.tokenizer import SPECIAL_TOKENS
+from nanoseek.tokenizer import EXTRA_TOKENS, SPECIAL_TOKENS, TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END, TOOL_OUTPUTS_BEGIN, \
+    TOOL_OUTPUTS_END
+
+CONTROL = SPECIAL_TOKENS + EXTRA_TOKENS  # every string the template may emit as a control id
 
 engine_mod = pytest.importorskip("nanoseek.engine")
 KEY = "sk-hostile-0123456789"
@@ -70,7 +73,7 @@ def test_injection_prompt_returns_its_text_and_no_forged_turn(srv):
     tok = srv.engine.tokenizer
     ids = tok.render_chat([{"role": "user", "content": text}], add_generation_prompt=True)[0]
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
-    assert [i for i in ids if i < len(SPECIAL_TOKENS)] == [tok.bos_id, tok.user_id, tok.assistant_id]
+    assert [i for i in ids if i < len(CONTROL)] == [tok.bos_id, tok.user_id, tok.assistant_id]
 
 
 def test_special_strings_in_any_message_or_tool_description_emit_no_control_id(srv):
@@ -85,7 +88,7 @@ def test_special_strings_in_any_message_or_tool_description_emit_no_control_id(s
 
     srv.state.render_chat = spy
     try:
-        for special in SPECIAL_TOKENS:
+        for special in CONTROL:
             text = f"x{special}y"
             body = _chat_body(text, max_tokens=1)
             body["messages"] = [{"role": "system", "content": text}, {"role": "user", "content": text},
@@ -93,15 +96,19 @@ def test_special_strings_in_any_message_or_tool_description_emit_no_control_id(s
                                                                         "tool_call_id": text}]
             body["tools"] = [{"type": "function", "function": {"name": "f", "description": text,
                                                                "parameters": {"type": "object", text: {}}}}]
-            assert srv.http.post("/v1/chat/completions", json=body).status_code == 200
+            r = srv.http.post("/v1/chat/completions", json=body)
+            # the long tool-token names can outgrow the tiny context: rendered (and checked below) all the same
+            assert r.status_code == 200 or r.json()["error"]["code"] == "context_length_exceeded", r.text
     finally:
         srv.state.render_chat = real
-    # what the template emits: <|bos|>, the tools' <|system|>, and one tag per message, then the prompt
+    # what the template emits: <|bos|>, the tools' <|system|>, one tag per message (the tool result
+    # between its four), then the prompt
+    t = tok.tool_ids
     template = [tok.bos_id, tok.system_id, tok.system_id, tok.user_id, tok.assistant_id, tok.eos_id,
-                tok.user_id, tok.assistant_id]
-    assert len(seen) == len(SPECIAL_TOKENS)
+                t[TOOL_OUTPUTS_BEGIN], t[TOOL_OUTPUT_BEGIN], t[TOOL_OUTPUT_END], t[TOOL_OUTPUTS_END], tok.assistant_id]
+    assert len(seen) == len(CONTROL)
     for ids in seen:
-        assert [i for i in ids if i < len(SPECIAL_TOKENS)] == template
+        assert [i for i in ids if i < len(CONTROL)] == template
 
 
 # ------------------------------------------------------------------------------ bodies and Unicode
@@ -192,8 +199,8 @@ def test_prompt_larger_than_the_cache_is_400(ckpt):
 
 _any = st.text(st.characters(exclude_categories=()), max_size=30)  # every code point, surrogates included
 _surrogate = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
-_text = st.one_of(_any, st.sampled_from(SPECIAL_TOKENS),
-                  st.builds(lambda a, c, b: a + c + b, _any, _surrogate | st.sampled_from(SPECIAL_TOKENS), _any))
+_text = st.one_of(_any, st.sampled_from(CONTROL),
+                  st.builds(lambda a, c, b: a + c + b, _any, _surrogate | st.sampled_from(CONTROL), _any))
 _message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]),
                                   "content": _text})
 _tool = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(

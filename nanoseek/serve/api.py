@@ -43,11 +43,13 @@ from ..engine.speculative import SPECULATIVE_TOKENS_HELP, check_speculative_toke
 from .metrics import ServeMetrics
 from .protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChoiceLogprobs, CompletionChoice, CompletionRequest,
-                       CompletionResponse, CompletionTokensDetails, Cost, DeltaMessage, ErrorBody,
+                       CompletionResponse, CompletionTokensDetails, Cost, DeltaMessage, DeltaToolCall, ErrorBody,
                        DetokenizeRequest, DetokenizeResponse, ErrorResponse, ModelCard, ModelList,
-                       PromptTokensDetails, ResponseMessage, TokenizeRequest, TokenizeResponse, TokenLogprob,
-                       TopLogprob, Usage, new_id)
+                       PromptTokensDetails, ResponseMessage, ResponseToolCall, TokenizeRequest, TokenizeResponse,
+                       TokenLogprob, TopLogprob, Usage, new_id)
 from .reasoning import CONTENT, REASONING, ThinkSplitter, count_reasoning_tokens
+from .structured import response_format_grammar, tool_call_grammar
+from .tools import ToolCallParser
 
 log = logging.getLogger("nanoseek.serve")
 UI_DIR = Path(__file__).parent / "ui"
@@ -423,21 +425,66 @@ class _Server:
             if m.prefix and (i != len(req.messages) - 1 or m.role != "assistant"):
                 raise APIError(400, "prefix: true is only allowed on the last message, which must be the "
                                "assistant's", "invalid_request_error", param=f"messages[{i}].prefix")
-            if m.role == "tool":  # the template has no tool role: the result is shown to the model as a user turn
-                tag = f" {m.tool_call_id}" if m.tool_call_id else ""
-                msgs.append({"role": "user", "content": f"[tool result{tag}]\n{m.text()}"})
-            else:
-                msgs.append({"role": m.role, "content": m.text()})
-        if req.tools and req.tool_choice != "none":
-            spec = json.dumps([t.function.model_dump(exclude_none=True) for t in req.tools], ensure_ascii=False)
-            msgs.insert(0, {"role": "system", "content": f"Available tools (JSON): {spec}"})
+            msg = {"role": m.role, "content": m.text()}
+            if m.role == "assistant" and m.tool_calls:
+                msg["tool_calls"] = [c.model_dump(exclude_none=True) for c in m.tool_calls]
+            msgs.append(msg)
+        tools = self.shown_tools(req)
+        if (tools or any(m.role == "tool" or m.tool_calls for m in req.messages)) and self.tok.tool_ids is None:
+            raise APIError(400, "this checkpoint's tokenizer has no tool-call tokens: tools, tool calls and role "
+                           "\"tool\" messages need a tokenizer trained with them", "invalid_request_error",
+                           param="tools")
         think = think_default if req.think() is None else req.think()
         if req.messages[-1].prefix:  # chat prefix completion: continue the assistant's text as it is
-            ids = self.tok.render_chat(msgs[:-1], add_generation_prompt=True)[0]
+            ids = self.tok.render_chat(msgs[:-1], add_generation_prompt=True, tools=tools)[0]
             return ids + self.tok.encode(msgs[-1]["content"], allow_special=False), False
         if not add_generation_prompt:
-            return self.tok.render_chat(msgs, add_generation_prompt=False)[0], False
-        return self.tok.render_chat(msgs, add_generation_prompt=True, think=think)[0], think
+            return self.tok.render_chat(msgs, add_generation_prompt=False, tools=tools)[0], False
+        return self.tok.render_chat(msgs, add_generation_prompt=True, think=think, tools=tools)[0], think
+
+    @staticmethod
+    def shown_tools(req) -> list[dict] | None:
+        """The tools the template lists: all of them, unless tool_choice is "none"."""
+        if not req.tools or req.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in req.tools]
+
+    @staticmethod
+    def forced_tools(req) -> list | None:
+        """The tools one of which the reply must call (tool_choice "required" or a named function),
+        or None; a tool_choice that names no given tool is a 400."""
+        choice = req.tool_choice
+        if choice is not None and choice != "none" and not req.tools:
+            raise APIError(400, "tool_choice needs tools", "invalid_request_error", param="tool_choice")
+        if choice == "required":
+            return list(req.tools)
+        if choice is not None and not isinstance(choice, str):
+            named = [t for t in req.tools if t.function.name == choice.function.name]
+            if not named:
+                raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not in tools",
+                               "invalid_request_error", param="tool_choice")
+            return named[:1]
+        return None
+
+    def constraint(self, req, in_think: bool):
+        """The grammar the reply must follow (a forced tool call, or response_format), or None."""
+        forced = self.forced_tools(req)
+        fmt = req.response_format if req.response_format is not None and req.response_format.type != "text" else None
+        if forced is None and fmt is None:
+            return None
+        if forced is not None and fmt is not None:
+            raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice required "
+                           "or a named function)", "invalid_request_error", param="response_format")
+        if req.messages[-1].prefix:
+            raise APIError(400, "prefix: true cannot be combined with response_format or a forced tool call",
+                           "invalid_request_error", param="messages")
+        param = "tools" if forced is not None else "response_format"
+        try:
+            if forced is not None:
+                return tool_call_grammar(self.engine, forced, in_think)
+            return response_format_grammar(self.engine, fmt, in_think)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", "invalid_request_error", param=param) from None
 
     def check_token_ids(self, ids: list[int], param: str, status: int) -> None:
         bad = [t for t in ids if not 0 <= t < self.tok.vocab_size]
@@ -465,7 +512,8 @@ class _Server:
                 max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                 repetition_penalty=req.repetition_penalty, seed=req.seed, stop=list(req.stop or []),
-                logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos)
+                logprobs=logprobs, top_logprobs=top_logprobs, ignore_eos=req.ignore_eos,
+                token_healing=req.token_healing)
         except ValueError as e:  # the engine's own checks, should a bound here ever drift from them
             raise APIError(422, str(e), "invalid_parameter") from None
 
@@ -612,8 +660,9 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         try:
             # off the event loop: a long prompt's tokenization must not stall /health or other streams
             prompt_ids, in_think = await asyncio.to_thread(srv.render_chat, req, think)
+            constraint = await asyncio.to_thread(srv.constraint, req, in_think)
             top = req.top_logprobs or 0
-            jobs = _jobs(srv, req, [prompt_ids], req.logprobs or top > 0, top)
+            jobs = _jobs(srv, req, [prompt_ids], req.logprobs or top > 0, top, constraint)
             rid = new_id("chatcmpl")
             if req.stream:
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -761,10 +810,11 @@ class _Job:
     params: Any
 
 
-def _jobs(srv: "_Server", req, prompts: list[list[int]], logprobs: bool, top: int) -> list[_Job]:
+def _jobs(srv: "_Server", req, prompts: list[list[int]], logprobs: bool, top: int, constraint=None) -> list[_Job]:
     """``n`` choices per prompt, in OpenAI's order (choice ``index`` = prompt × n + j); with a seed,
     choice k samples with seed + k, so each choice has its own stream and the request repeats.
-    The copies go to the engine together, which computes their shared prefill once."""
+    The copies go to the engine together, which computes their shared prefill once; a
+    ``constraint`` (a grammar) gives each choice its own matcher."""
     if len(prompts) * req.n > MAX_CHOICES:
         raise APIError(400, f"{len(prompts)} prompt(s) × n={req.n} is more than {MAX_CHOICES} choices in one "
                        "request: send fewer prompts or a smaller n", "invalid_request_error", param="n")
@@ -773,7 +823,7 @@ def _jobs(srv: "_Server", req, prompts: list[list[int]], logprobs: bool, top: in
         params = srv.sampling_params(req, len(ids), logprobs, top)
         for _ in range(req.n):
             seed = None if req.seed is None else (req.seed + len(jobs) + 2**63) % 2**64 - 2**63
-            jobs.append(_Job(p, ids, replace(params, seed=seed)))
+            jobs.append(_Job(p, ids, replace(params, seed=seed, constraint=constraint)))
     return jobs
 
 
@@ -878,6 +928,11 @@ class _Run:
         return ["".join(t) for t in texts], lps
 
 
+def _finish_reason(engine_reason: str | None, calls: list) -> str | None:
+    """OpenAI's "tool_calls" when a reply that ended by itself called tools."""
+    return "tool_calls" if calls and engine_reason == "stop" else engine_reason
+
+
 async def _chat_full(srv: _Server, req, rid, jobs, in_think):
     with _Run(srv, in_think, jobs, rid) as run:
         texts, lps = await run.collect()
@@ -887,8 +942,15 @@ async def _chat_full(srv: _Server, req, rid, jobs, in_think):
             pieces = splitter.feed(text) + splitter.flush()
             reasoning = "".join(t for kind, t in pieces if kind == REASONING)
             content = "".join(t for kind, t in pieces if kind == CONTENT)
-            msg = ResponseMessage(content=content, reasoning_content=reasoning if splitter.saw_think else None)
-            choices.append(ChatChoice(index=k, message=msg, finish_reason=run.evs[k].finish_reason,
+            calls = []
+            if srv.shown_tools(req):
+                parser = ToolCallParser()
+                content, calls = parser.feed(content)
+                content += parser.flush()
+            msg = ResponseMessage(content=content if content or not calls else None,
+                                  reasoning_content=reasoning if splitter.saw_think else None,
+                                  tool_calls=[ResponseToolCall(**c) for c in calls] or None)
+            choices.append(ChatChoice(index=k, message=msg, finish_reason=_finish_reason(run.evs[k].finish_reason, calls),
                                       logprobs=ChoiceLogprobs(content=lps[k]) if jobs[k].params.logprobs else None))
         return ChatCompletionResponse(id=rid, model=req.model, usage=run.usage(), choices=choices)
 
@@ -896,6 +958,7 @@ async def _chat_full(srv: _Server, req, rid, jobs, in_think):
 async def _chat_stream(srv: _Server, req, rid, jobs, in_think, include_usage):
     created = int(time.time())
     splitters = [ThinkSplitter(in_think) for _ in jobs]
+    parsers = [ToolCallParser() for _ in jobs] if srv.shown_tools(req) else None
 
     def chunk(k: int, delta: DeltaMessage, finish=None, lps=None):
         return _data(ChatCompletionChunk(
@@ -903,11 +966,27 @@ async def _chat_stream(srv: _Server, req, rid, jobs, in_think, include_usage):
             choices=[ChatChunkChoice(index=k, delta=delta, finish_reason=finish,
                                      logprobs=ChoiceLogprobs(content=lps) if lps else None)]))
 
-    def pieces_out(k, pieces, lps=None):
-        for kind, text in pieces:
-            delta = DeltaMessage(reasoning_content=text) if kind == REASONING else DeltaMessage(content=text)
-            yield chunk(k, delta, lps=lps)
-            lps = None
+    def pieces_out(k, pieces, lps=None, final=False):
+        if parsers is not None:  # content → content deltas and whole tool calls
+            out = []
+            for kind, text in pieces:
+                if kind == REASONING:
+                    out.append((kind, text, []))
+                    continue
+                text, calls = parsers[k].feed(text)
+                out.append((kind, text, calls))
+            if final:
+                out.append((CONTENT, parsers[k].flush(), []))
+        else:
+            out = [(kind, text, []) for kind, text in pieces]
+        for kind, text, calls in out:
+            if text or lps:
+                delta = DeltaMessage(reasoning_content=text) if kind == REASONING else DeltaMessage(content=text)
+                yield chunk(k, delta, lps=lps)
+                lps = None
+            if calls:
+                first = len(parsers[k].calls) - len(calls)
+                yield chunk(k, DeltaMessage(tool_calls=[DeltaToolCall(index=first + i, **c) for i, c in enumerate(calls)]))
 
     with _Run(srv, in_think, jobs, rid) as run:
         try:
@@ -924,9 +1003,10 @@ async def _chat_stream(srv: _Server, req, rid, jobs, in_think, include_usage):
                 for c in pieces_out(k, splitters[k].feed(ev.text_delta), lps):
                     yield c
                 if ev.finished:
-                    for c in pieces_out(k, splitters[k].flush()):
+                    for c in pieces_out(k, splitters[k].flush(), final=True):
                         yield c
-                    yield chunk(k, DeltaMessage(), finish=ev.finish_reason)
+                    calls = parsers[k].calls if parsers is not None else []
+                    yield chunk(k, DeltaMessage(), finish=_finish_reason(ev.finish_reason, calls))
             if include_usage:
                 yield _data(ChatCompletionChunk(id=rid, created=created, model=req.model, choices=[],
                                                 usage=run.usage()))

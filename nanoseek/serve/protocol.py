@@ -9,7 +9,7 @@ Bounds follow the DeepSeek/OpenAI docs: temperature in [0, 2], top_p in [0, 1], 
 [-2, 2], at most 16 stop sequences, top_logprobs in [0, 20], n in [1, 16]. ``thinking`` takes
 DeepSeek's object and nanoseek's boolean. A few extensions (``top_k``, ``repetition_penalty``,
 ``ignore_eos``, ``/tokenize``'s bodies) are optional and named as vLLM names them, so the same
-client code works against both.
+client code works against both; ``token_healing`` is nanoseek's own.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class _Lenient(BaseModel):
@@ -33,6 +33,19 @@ class TextPart(_Lenient):
     text: str
 
 
+class ToolCallFunction(_Lenient):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; transformers' templates take an object
+
+
+class ToolCall(_Lenient):
+    """One call of an assistant message: what the server returned, sent back in the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(_Lenient):
     role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -41,8 +54,8 @@ class ChatMessage(_Lenient):
     # back the previous turn's reasoning would otherwise silently grow every prompt.
     reasoning_content: str | None = None
     prefix: bool | None = None  # chat prefix completion (beta): last assistant message continues
-    tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None  # role "tool": the call answered (results are rendered in order)
+    tool_calls: list[ToolCall] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -56,8 +69,25 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_Lenient):
+    """OpenAI's ``response_format.json_schema``: the schema is always enforced (``strict`` or not)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field("response", min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError('type "json_schema" needs a json_schema object ({"name": ..., "schema": {...}})')
+        return self
 
 
 class Thinking(_Lenient):
@@ -75,6 +105,17 @@ class FunctionDef(_Lenient):
 class Tool(_Lenient):
     type: Literal["function"] = "function"
     function: FunctionDef
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``: call exactly this function."""
+
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 class _SamplingFields(_Lenient):
@@ -96,6 +137,9 @@ class _SamplingFields(_Lenient):
     top_k: int = Field(0, ge=0, le=1_000_000)  # 0 = off
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0)  # logits are divided by it: keep it finite
     ignore_eos: bool = False
+    # nanoseek: back up the prompt's last token and let the first generated token(s) spell it
+    # (a prompt that ends mid-token, e.g. in indentation); the reply's text starts after the prompt
+    token_healing: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -115,7 +159,9 @@ class _ChatPrompt(_Lenient):
     /tokenize counts exactly the ids a chat request would prefill."""
 
     tools: list[Tool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto"] | dict[str, Any] | None = None
+    # none: tools are not shown; auto: the model may call one; required / a named function: it must
+    # (its arguments constrained to the function's JSON schema)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # pre-open "<think>\n" in the generation prompt: DeepSeek's object or nanoseek's boolean (None = server default)
     thinking: bool | Thinking | None = None
 
@@ -246,10 +292,26 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
+class DeltaToolCall(ResponseToolCall):
+    index: int  # the call's place in the message's tool_calls (each streamed call arrives whole)
+
+
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[ResponseToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -273,6 +335,7 @@ class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     reasoning_content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

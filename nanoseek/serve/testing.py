@@ -38,8 +38,9 @@ def _corpus() -> list[str]:
     return base * 50
 
 
-def make_scripted_checkpoint(path, scale: float = 12.0, seed: int = 0, vocab_size: int = 320) -> Path:
-    """Write a tiny deepseek_v3 checkpoint + tokenizer whose greedy reply is the chain above."""
+def make_scripted_checkpoint(path, scale: float = 12.0, seed: int = 0, vocab_size: int = 320, **overrides) -> Path:
+    """Write a tiny deepseek_v3 checkpoint + tokenizer whose greedy reply is the chain above
+    (``overrides``: fields of the tiny preset, e.g. a longer ``max_position_embeddings``)."""
     import torch
 
     from nanoseek.checkpoint import save_pretrained
@@ -59,7 +60,7 @@ def make_scripted_checkpoint(path, scale: float = 12.0, seed: int = 0, vocab_siz
     chain = [tok.assistant_id, tok.think_id, nl[0], *word_ids[:3], tok.end_think_id, *word_ids[3:], tok.eos_id]
 
     torch.manual_seed(seed)
-    cfg = preset("tiny", vocab_size=tok.vocab_size)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, **overrides)
     model = DeepSeekV3(cfg).float()
     d = cfg.hidden_size
     with torch.no_grad():
