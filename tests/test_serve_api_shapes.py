@@ -270,3 +270,40 @@ def test_n_bounds(srv):
     assert "16" in r.json()["error"]["message"]
     r = srv.http.post("/v1/completions", json={"model": "nanoseek", "prompt": ["a"] * 5, "n": 16})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n" and "64" in r.json()["error"]["message"]
+
+
+# ------------------------------------------------------------------------------ /v1/models/{id}, vLLM's metric names
+def test_model_by_id(srv):
+    card = srv.client.models.retrieve("deepseek-reasoner")
+    assert card.id == "deepseek-reasoner" and card.max_model_len == srv.engine.max_context
+    with pytest.raises(openai.NotFoundError) as e:
+        srv.client.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+
+
+def _series(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_also_under_vllm_names(srv):
+    from nanoseek.serve.metrics import VLLM_NAMES
+
+    for _ in srv.client.chat.completions.create(model="nanoseek", messages=[{"role": "user", "content": "Hi"}],
+                                                temperature=0, stream=True):
+        pass
+    m = _series(srv.http.get("/metrics").text)
+    assert m["nanoseek_inter_token_latency_seconds_count"] >= CHAIN_LEN - 1  # one per token after the first
+    for ours, theirs in VLLM_NAMES.items():
+        for name in (theirs,) if isinstance(theirs, str) else theirs:
+            mine = {k: v for k, v in m.items() if k.startswith("nanoseek_" + ours)}
+            if not mine:  # speculative decoding is off here: no spec_decode series under either name
+                assert not any(k.startswith(name) for k in m), name
+                continue
+            for k, v in mine.items():
+                assert m[name + k[len("nanoseek_" + ours):]] == v, (k, name)
+    assert m["vllm:prefix_cache_queries_total"] == m["nanoseek_prompt_tokens_total"] > 0

@@ -264,7 +264,11 @@ class _StatusRecorder:
             path = scope.get("path", "")
             known = ("/v1/chat/completions", "/chat/completions", "/v1/completions", "/completions",
                      "/v1/models", "/models", "/tokenize", "/detokenize", "/health", "/metrics", "/")
-            self.metrics.requests.inc(endpoint=path if path in known else "other", status=str(status["code"]))
+            if path.startswith(("/v1/models/", "/models/")):
+                path = path[:path.rindex("/")] + "/{id}"
+            else:
+                path = path if path in known else "other"
+            self.metrics.requests.inc(endpoint=path, status=str(status["code"]))
 
 
 PROTECTED = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
@@ -648,6 +652,15 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
         return ModelList(data=[ModelCard(id=name, created=srv.created, max_model_len=engine.max_context)
                                for name in srv.models])
 
+    @app.get("/v1/models/{model_id}", dependencies=auth, response_model=ModelCard,
+             responses={404: {"model": ErrorResponse}})
+    @app.get("/models/{model_id}", dependencies=auth, response_model=ModelCard, include_in_schema=False)
+    async def model(model_id: str):
+        if model_id not in srv.models:
+            raise APIError(404, f"model {model_id!r} does not exist; this server serves {sorted(srv.models)}",
+                           "model_not_found", param="model")
+        return ModelCard(id=model_id, created=srv.created, max_model_len=engine.max_context)
+
     # ---------------------------------------------------------------- chat
     @app.post("/v1/chat/completions", dependencies=auth, response_model=ChatCompletionResponse,
               responses={400: {"model": ErrorResponse}, 401: {"model": ErrorResponse},
@@ -838,6 +851,7 @@ class _Run:
         self.t0, self.t_first = time.perf_counter(), None
         self.ids: list[list[int]] = [[] for _ in jobs]
         self.evs: list[Any] = [None for _ in jobs]
+        self.t_last: list[float | None] = [None for _ in jobs]  # each choice's latest tokens
         self._usage: Usage | None = None
 
     def __enter__(self) -> "_Run":
@@ -849,10 +863,18 @@ class _Run:
         self.srv.finish_metrics(self.usage() if started else None, self.t0, self.t_first, aborted=not done)
 
     def add(self, k: int, ev) -> bool:
-        """Record choice k's engine event; True when it carries the request's first generated token."""
+        """Record choice k's engine event; True when it carries the request's first generated token.
+        The time since the choice's previous tokens, spread over this event's, is each one's
+        inter-token latency."""
+        now = time.perf_counter()
         first = self.t_first is None and bool(ev.token_ids)
         if first:
-            self.t_first = time.perf_counter()
+            self.t_first = now
+        if ev.token_ids:
+            if self.t_last[k] is not None:
+                for _ in ev.token_ids:
+                    self.srv.metrics.itl.observe((now - self.t_last[k]) / len(ev.token_ids))
+            self.t_last[k] = now
         self.ids[k] += list(ev.token_ids)
         self.evs[k] = ev
         return first

@@ -6,6 +6,8 @@ without "duplicated timeseries" errors. Everything is updated from the event loo
 only, so no locks are needed.
 
 Names follow Prometheus conventions: ``_total`` counters, ``_seconds`` histograms, base units.
+Where vLLM has a counterpart, the same series is also written under vLLM's name (``VLLM_NAMES``),
+so dashboards and autoscalers written for vLLM read nanoseek unchanged.
 """
 
 from __future__ import annotations
@@ -107,7 +109,38 @@ class Histogram:
         yield self.name + "_count", (), self.count
 
 
+class Alias:
+    """Another metric's series under a second name (vLLM's)."""
+
+    def __init__(self, name: str, of):
+        self.name, self.of, self.kind = name, of, of.kind
+        self.help = f"{of.help} (= {of.name})"
+
+    def samples(self):
+        for name, labels, v in self.of.samples():
+            yield self.name + name[len(self.of.name):], labels, v
+
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+# nanoseek's name (without its prefix) → vLLM's (its prefix-cache queries and hits count tokens:
+# every prompt token is one query)
+VLLM_NAMES = {
+    "running_requests": "vllm:num_requests_running",
+    "queue_depth": "vllm:num_requests_waiting",
+    "kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",  # a fraction in vLLM too, despite the name
+    "prompt_tokens_total": ("vllm:prompt_tokens_total", "vllm:prefix_cache_queries_total"),
+    "completion_tokens_total": "vllm:generation_tokens_total",
+    "prompt_cache_hit_tokens_total": "vllm:prefix_cache_hits_total",
+    "time_to_first_token_seconds": "vllm:time_to_first_token_seconds",
+    "inter_token_latency_seconds": "vllm:inter_token_latency_seconds",
+    "request_latency_seconds": "vllm:e2e_request_latency_seconds",
+    "queue_time_seconds": "vllm:request_queue_time_seconds",
+    "spec_decode_num_drafts_total": "vllm:spec_decode_num_drafts_total",
+    "spec_decode_num_draft_tokens_total": "vllm:spec_decode_num_draft_tokens_total",
+    "spec_decode_num_accepted_tokens_total": "vllm:spec_decode_num_accepted_tokens_total",
+    "spec_decode_num_accepted_tokens_per_pos_total": "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+}
 
 
 class ServeMetrics:
@@ -131,6 +164,8 @@ class ServeMetrics:
                               LATENCY_BUCKETS)
         self.queue_time = Histogram(p + "queue_time_seconds", "time a request waited before its first event",
                                     LATENCY_BUCKETS)
+        self.itl = Histogram(p + "inter_token_latency_seconds", "time between a choice's consecutive generated tokens",
+                             TOKEN_LATENCY_BUCKETS)
         self._all = [
             self.requests, self.prompt_tokens, self.completion_tokens, self.reasoning_tokens,
             self.cache_hit_tokens, self.cache_miss_tokens, self.cost, self.aborted,
@@ -138,7 +173,7 @@ class ServeMetrics:
             Gauge(p + "running_requests", "requests the engine is generating", running),
             Gauge(p + "in_flight_requests", "requests admitted by the HTTP server and not finished", in_flight),
             Gauge(p + "kv_cache_usage_ratio", "fraction of KV-cache blocks held by requests", cache_usage),
-            self.latency, self.ttft, self.queue_time,
+            self.latency, self.ttft, self.queue_time, self.itl,
         ]
         if engine_stats is not None:  # speculative decoding, under vLLM's names
             def one(key):
@@ -156,6 +191,13 @@ class ServeMetrics:
                                      enumerate(engine_stats()["spec_num_accepted_tokens_per_pos"])]),
             ]
 
+    def named_as_vllm(self) -> list[Alias]:
+        out = []
+        for m in self._all:
+            names = VLLM_NAMES.get(m.name[len("nanoseek_"):], ())
+            out += [Alias(n, m) for n in ((names,) if isinstance(names, str) else names)]
+        return out
+
     def record_usage(self, prompt: int, hit: int, completion: int, reasoning: int, cost) -> None:
         self.prompt_tokens.inc(prompt)
         self.cache_hit_tokens.inc(hit)
@@ -168,7 +210,7 @@ class ServeMetrics:
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in self._all:
+        for m in self._all + self.named_as_vllm():
             lines.append(f"# HELP {m.name} {m.help}")
             lines.append(f"# TYPE {m.name} {m.kind}")
             for name, labels, v in m.samples():
