@@ -3,6 +3,7 @@ both engines' batch-1 decode speed side by side in one run.
 
     python benchmarks/llamacpp.py --ckpt runs/demo/grpo --task arithmetic \\
         --task-args '{"digits": 3, "min_digits": 3}' [--types f32 q8_0] [--work /tmp/llamacpp]
+    python benchmarks/llamacpp.py --preset v3-60m --tokenizer runs/demo/tokenizer --new-tokens 64
 
 llama.cpp is built from the source that ships inside the `llama-cpp-python` source package
 (`pip download --no-binary :all: --no-deps llama-cpp-python`: its vendor/llama.cpp, built with
@@ -10,9 +11,11 @@ cmake as a shared library, under `nice`; several minutes on two cores, once — 
 and driven through that package's own ctypes bindings (its low-level `llama_cpp.llama_cpp`
 module only). The checkpoint is converted with `nanoseek export --format gguf`'s writer.
 
-Both sides answer the same held-out chat prompts of `--task`, one at a time, greedily, to the
-end-of-sequence token (at most --new-tokens): the tokens must be equal in f32 (q8_0's are
-counted, not required). The tokenizer is checked too: llama.cpp's tokenization (its pre-type
+With `--ckpt`, both sides answer the same held-out chat prompts of `--task`, one at a time,
+greedily, to the end-of-sequence token (at most --new-tokens): the tokens must be equal in f32
+(q8_0's are counted, not required). With `--preset`, a randomly initialised model of that size
+(its weights past the last-level cache: batch-1 decode is memory-bound) writes a fixed
+--new-tokens after random prompts; the tokens are counted, as random weights leave near-ties. The tokenizer is checked too: llama.cpp's tokenization (its pre-type
 `starcoder`) of a set of texts equals nanoseek's. Speed: generated tokens ÷ the process's CPU
 seconds (prefill included), best of --reps after a warm-up, the sides alternated, every side on
 --threads threads.
@@ -23,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -131,9 +133,11 @@ class Llama:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True, help="a trained checkpoint (or run directory) with its tokenizer")
-    ap.add_argument("--task", default="arithmetic", help="whose held-out chat prompts both engines answer")
-    ap.add_argument("--task-args", default="{}", help="the task's knobs as JSON")
+    ap.add_argument("--ckpt", help="a trained checkpoint (or run directory) with its tokenizer")
+    ap.add_argument("--preset", help="instead of --ckpt: a randomly initialised model of this preset")
+    ap.add_argument("--tokenizer", help="with --preset: the tokenizer directory the GGUF carries")
+    ap.add_argument("--task", default="arithmetic", help="with --ckpt: whose held-out chat prompts both answer")
+    ap.add_argument("--task-args", default="{}", help="with --ckpt: the task's knobs as JSON")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--types", nargs="+", default=["f32", "q8_0"], choices=["f32", "q8_0"])
@@ -142,6 +146,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "nanoseek-llamacpp"),
                     help="where the llama.cpp source and build are kept between runs")
     args = ap.parse_args()
+    if bool(args.ckpt) == bool(args.preset) or bool(args.preset) != bool(args.tokenizer):
+        ap.error("give --ckpt, or --preset with --tokenizer")
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     src = source(work)
@@ -150,25 +156,36 @@ def main() -> None:
     C.llama_log_set(quiet, ctypes.c_void_p())
     C.llama_backend_init()
 
-    ckpt = resolve_ckpt(args.ckpt)
-    model = nanoseek.load_model(ckpt).float().eval()
-    tok = Tokenizer.load(ckpt)
+    if args.ckpt:
+        tok_dir = resolve_ckpt(args.ckpt)
+        model = nanoseek.load_model(tok_dir).float().eval()
+        tok = Tokenizer.load(tok_dir)
+        name = tok_dir.resolve().parent.name if tok_dir.name == "model" else tok_dir.name
+        what = (f"checkpoint {args.ckpt}: {args.prompts} held-out {args.task} {args.task_args} chat prompts, one at "
+                f"a time, greedy to end of sequence (at most {args.new_tokens})")
+    else:
+        tok_dir, tok = Path(args.tokenizer), Tokenizer.load(args.tokenizer)
+        model = nanoseek.load_model(args.preset, seed=0).float().eval()
+        name = args.preset
+        what = (f"model {args.preset} (random weights): {args.prompts} random 32-token prompts, one at a time, "
+                f"greedy, {args.new_tokens} tokens each")
     cfg = model.config
-    prompts = prompts_for(argparse.Namespace(ckpt=True, task=args.task, task_args=args.task_args), cfg, tok,
-                          args.prompts)
+    ns = argparse.Namespace(ckpt=args.ckpt, task=args.task, task_args=args.task_args)
+    prompts = prompts_for(ns, cfg, tok, args.prompts, 32)
     n_ctx = max(map(len, prompts)) + args.new_tokens + 8
-    engine = Engine(model, tok, device="cpu", dtype=torch.float32, max_num_seqs=1, enable_prefix_cache=False)
-    sp = SamplingParams(max_tokens=args.new_tokens, temperature=0)
+    # a random model's ids reach past the tokenizer's: the engine then runs without one
+    engine = Engine(model, tok if args.ckpt else None, device="cpu", dtype=torch.float32, max_num_seqs=1,
+                    enable_prefix_cache=False)
+    sp = SamplingParams(max_tokens=args.new_tokens, temperature=0, ignore_eos=not args.ckpt)
+    eos = tok.eos_id if args.ckpt else None
     llamas = {}
     for t in args.types:
-        path = write_gguf(model, ckpt, work / f"{ckpt.resolve().parent.name}-{t}.gguf", t)
+        path = write_gguf(model, tok_dir, work / f"{name}-{t}.gguf", t)
         llamas[t] = Llama(C, path, n_ctx, args.threads)
     version = src.parents[1].name.removeprefix("llama_cpp_python-")
     print(f"$ python benchmarks/llamacpp.py {' '.join(sys.argv[1:])}")
-    print(f"checkpoint {args.ckpt}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {args.prompts} "
-          f"held-out {args.task} {args.task_args} chat prompts, one at a time, greedy to end of sequence (at most "
-          f"{args.new_tokens}); {args.threads} thread(s); llama.cpp from llama-cpp-python {version}, torch "
-          f"{torch.__version__}")
+    print(f"{what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {args.threads} thread(s); "
+          f"llama.cpp from llama-cpp-python {version}, torch {torch.__version__}")
 
     for t, llama in llamas.items():
         same = [llama.tokenize(x) == tok.encode(x, allow_special=False) for x in TEXTS]
@@ -184,25 +201,26 @@ def main() -> None:
     fns = {"nanoseek f32": ours}
     for t, llama in llamas.items():
         def theirs(t=t, llama=llama):
-            made[t] = [llama.greedy(p, args.new_tokens, tok.eos_id) for p in prompts]
+            made[t] = [llama.greedy(p, args.new_tokens, eos) for p in prompts]
         fns[f"llama.cpp {t}"] = theirs
     best = timed(fns, args.reps)
 
     def strip(seqs):  # the engine leaves the stop token out of its output
-        return [s[:-1] if s and s[-1] == tok.eos_id else s for s in seqs]
+        return [s[:-1] if s and eos is not None and s[-1] == eos else s for s in seqs]
 
     ref = strip(made["nanoseek"])
     n = sum(map(len, made["nanoseek"]))
     for t in llamas:
         got = strip(made[t])
         equal = sum(a == b for a, b in zip(got, ref))
-        print(f"llama.cpp {t}: greedy tokens equal the engine's on {equal}/{len(ref)} prompts")
-        if t == "f32":
+        same = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b))
+        print(f"llama.cpp {t}: greedy tokens equal the engine's on {equal}/{len(ref)} prompts "
+              f"({same}/{n} tokens in place)")
+        if t == "f32" and args.ckpt:
             assert got == ref, "llama.cpp f32 wrote other tokens than the engine"
     base = best["nanoseek f32"]
-    print(f"batch 1: " + " | ".join(f"{name} {n / s:.1f} tok/s" for name, s in best.items()))
+    print("batch 1: " + " | ".join(f"{name} {n / s:.1f} tok/s" for name, s in best.items()))
     print("    " + ", ".join(f"{name} x{base / s:.2f} of nanoseek f32" for name, s in best.items() if name != "nanoseek f32"))
-    print(json.dumps({name: round(n / s, 1) for name, s in best.items()}))
 
 
 if __name__ == "__main__":
