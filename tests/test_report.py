@@ -105,3 +105,12 @@ def test_report_rebuilds_one_stage_and_refuses_what_is_not_a_run(pipeline, tmp_p
     (bad / "config.json").write_text("{not json")
     assert cli.main(["report", str(bad)]) == 2
     assert f"{bad / 'config.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_pretrain_card_throughput_is_the_whole_runs_and_its_loss_names_the_next_token_part(pipeline):
+    # the last record's tokens_per_s is one logging interval's; the card's figure is the run's
+    md = (pipeline / "pretrain" / "report.md").read_text()
+    last = read_stage(pipeline / "pretrain").train[-1]
+    assert row(md, "throughput") == f"{last['tokens'] / last['elapsed_s']:,.0f} tokens/s"
+    assert last["loss"] != last["lm_loss"]  # the total carries λ·MTP and α·balance
+    assert row(md, "final training loss") == f"{last['loss']:.4g} (next-token {last['lm_loss']:.4g})"
