@@ -37,8 +37,8 @@ import gzip
 import json
 import math
 import os
+from itertools import chain, count
 from pathlib import Path
-from itertools import chain
 from typing import Iterator
 from urllib.parse import parse_qs
 
@@ -119,15 +119,14 @@ def _read_parquet(path: Path, text_field: str, batch_size: int = 1024) -> Iterat
     if text_field not in names:
         raise ValueError(f"{path}: no column {text_field!r} (columns: {names}); choose one with text_field")
     # iter_batches reads one row group at a time: memory stays bounded.
-    row = 0
+    rows = count()
     for batch in pf.iter_batches(batch_size=batch_size, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
+        for row, text in zip(rows, batch.column(0).to_pylist()):
             if text is None:
                 continue
             if not isinstance(text, str):
                 raise ValueError(f"{path}: column {text_field!r} must hold strings, got {type(text).__name__}")
-            yield f"{path}#{row - 1}", text
+            yield f"{path}#{row}", text
 
 
 def _read_file(path: Path, text_field: str) -> Iterator[tuple[str, str]]:
