@@ -90,15 +90,15 @@ class ShardWriter:
 def reorder(src, dst, val_fraction: float, seed: int, shuffle: bool = True, shard_tokens: int = 1 << 26) -> dict:
     """Rewrite the shards of ``src`` into ``dst`` in a seeded order; returns the new index.
 
-    ``round(val_fraction · docs)`` documents, drawn at random, go last: the validation set, by
-    document (index ``val_docs``). The others follow in a seeded random order with ``shuffle``,
+    ``round(val_fraction · docs)`` documents (at least one of two or more, never all), drawn at
+    random, go last: the validation set, by document (index ``val_docs``). The others follow in a seeded random order with ``shuffle``,
     else in the order of ``src``. Documents are copied one by one from the memmap, so memory
     holds the document offsets only.
     """
     ts = TokenShards(src)
     n = len(ts.doc_starts)
     rng = np.random.default_rng(seed)
-    n_val = min(round(n * val_fraction), n - 1) if n > 1 else 0
+    n_val = min(max(1, round(n * val_fraction)), n - 1) if n > 1 and val_fraction > 0 else 0
     val = np.sort(rng.choice(n, n_val, replace=False)) if n_val else np.empty(0, np.int64)
     train = np.setdiff1d(np.arange(n), val)
     if shuffle:
