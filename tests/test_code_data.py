@@ -206,3 +206,11 @@ def test_eval_needs_exactly_one_of_task_and_bpb(ckpt):
         EvalConfig(ckpt=str(ckpt), task="arithmetic", bpb="x.txt")
     with pytest.raises(ValueError, match="--seq-len 0"):
         EvalConfig(ckpt=str(ckpt), bpb="x.txt", seq_len=0)
+
+
+def test_pretraining_on_builtin_stdlib_validates_on_its_held_out_files(tok):
+    train, val = open_streams("builtin:stdlib?n=3&val_fraction=0.01", tok, val_docs=2)
+    texts = lambda split, n: list(stdlib.documents(n, 0, split, 0.01))  # noqa: E731
+    eos = "<|eos|>"
+    assert tok.decode(train.window(0, len(train))) == eos.join(texts("train", 3)) + eos
+    assert tok.decode(val.window(0, len(val))) == eos.join(texts("validation", 2)) + eos
