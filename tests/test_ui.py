@@ -118,3 +118,35 @@ def test_stop_button_aborts_the_stream(url, page):
         time.sleep(0.05)
     assert engine.num_running == 0 and engine.num_waiting == 0 and engine.cache_usage == 0
     engine.step = step
+
+
+def test_chat_page_shows_tool_calls(url, page):
+    """A tools list in the settings and tool choice "required": the reply's call is shown, its
+    arguments valid JSON for the function's schema."""
+    import json
+
+    base, _ = url
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+        "additionalProperties": False}}}]
+    page.goto(base + "/")
+    page.click("#new")
+    page.click("#settings summary")
+    page.fill("#apikey", KEY)
+    page.dispatch_event("#apikey", "change")
+    page.fill("#temperature", "1")
+    page.dispatch_event("#temperature", "change")
+    page.fill("#maxtokens", "60")
+    page.dispatch_event("#maxtokens", "change")
+    page.fill("#tools", json.dumps(tools))
+    page.dispatch_event("#tools", "change")
+    page.select_option("#toolchoice", "required")
+    page.dispatch_event("#toolchoice", "change")
+    page.click("#settings summary")
+    page.uncheck("#think")
+    page.fill("[data-testid=input]", "Weather?")
+    page.click("[data-testid=send]")
+    call = page.locator("[data-testid=assistant]").last.locator("[data-testid=toolcall]")
+    sync_api.expect(call).to_have_count(1, timeout=30_000)
+    text = call.inner_text()
+    assert text.startswith("get_weather(") and json.loads(text[len("get_weather("):-1])["city"] in ("Paris", "Oslo")

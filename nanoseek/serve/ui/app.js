@@ -32,7 +32,17 @@ function fmtUsage(u) {
          (r ? ` (${r} reasoning)` : "") + cost;
 }
 
-// One assistant bubble: collapsible thinking, content, usage line. Returns setters for streaming.
+// A reply's tool calls, one line each: name(arguments).
+function renderCalls(list, calls) {
+  list.replaceChildren(...(calls || []).map((c) => {
+    const row = el("div", "toolcall", `${c.function.name}(${c.function.arguments})`);
+    row.dataset.testid = "toolcall";
+    return row;
+  }));
+  list.hidden = !(calls && calls.length);
+}
+
+// One assistant bubble: collapsible thinking, content, tool calls, usage line. Returns setters for streaming.
 function renderAssistant(m) {
   const box = el("div", "msg assistant");
   box.dataset.testid = "assistant";
@@ -45,11 +55,14 @@ function renderAssistant(m) {
   think.hidden = !m.reasoning;
   const content = el("div", "content", m.content || "");
   content.dataset.testid = "content";
+  const calls = el("div", "toolcalls");
+  calls.dataset.testid = "toolcalls";
+  renderCalls(calls, m.tool_calls);
   const meta = el("div", "meta", fmtUsage(m.usage) + (m.stopped ? " · stopped" : ""));
   meta.dataset.testid = "meta";
-  box.append(think, content, meta);
+  box.append(think, content, calls, meta);
   if (m.streaming) box.classList.add("streaming");
-  return { box, think, tbody, content, meta };
+  return { box, think, tbody, content, calls, meta };
 }
 
 function render() {
@@ -114,8 +127,10 @@ async function* sse(response) {
 async function send(text) {
   state.messages.push({ role: "user", content: text });
   const history = state.messages.filter((m) => m.role === "user" || m.role === "assistant")
-    .map((m) => ({ role: m.role, content: m.content || "" })); // never send reasoning back (a 400)
-  const m = { role: "assistant", content: "", reasoning: "", usage: null, streaming: true };
+    .map((m) => (m.tool_calls && m.tool_calls.length  // never send reasoning back (a 400)
+      ? { role: m.role, content: m.content || null, tool_calls: m.tool_calls }
+      : { role: m.role, content: m.content || "" }));
+  const m = { role: "assistant", content: "", reasoning: "", usage: null, streaming: true, tool_calls: [] };
   state.messages.push(m);
   render();
   const view = renderAssistant(m);
@@ -129,6 +144,10 @@ async function send(text) {
   };
   if ($("maxtokens").value) body.max_tokens = Number($("maxtokens").value);
   try {
+    if ($("tools").value.trim()) {  // OpenAI's tools list, as JSON
+      try { body.tools = JSON.parse($("tools").value); } catch (e) { throw new Error(`tools: not JSON (${e.message})`); }
+      body.tool_choice = $("toolchoice").value;
+    }
     const r = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
     });
@@ -148,6 +167,10 @@ async function send(text) {
         if (d.content) {
           if (!m.content && m.reasoning) view.think.open = false; // answer started: fold the thinking
           m.content += d.content; view.content.textContent = m.content;
+        }
+        for (const t of d.tool_calls || []) {  // each call arrives whole
+          m.tool_calls[t.index] = { id: t.id, type: "function", function: t.function };
+          renderCalls(view.calls, m.tool_calls);
         }
       }
       $("log").scrollTop = $("log").scrollHeight;
@@ -175,8 +198,10 @@ function init() {
   if (s.apikey) $("apikey").value = s.apikey;
   if (s.temperature !== undefined) $("temperature").value = s.temperature;
   if (s.maxtokens) $("maxtokens").value = s.maxtokens;
+  if (s.tools) $("tools").value = s.tools;
+  if (s.toolchoice) $("toolchoice").value = s.toolchoice;
   $("think").checked = !!s.think;
-  for (const id of ["apikey", "temperature", "maxtokens", "think", "model"]) {
+  for (const id of ["apikey", "temperature", "maxtokens", "think", "model", "tools", "toolchoice"]) {
     $(id).addEventListener("change", () => {
       state.settings[id] = id === "think" ? $(id).checked : $(id).value;
       save();
