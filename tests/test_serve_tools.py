@@ -165,3 +165,18 @@ def test_parser_reads_calls_cut_anywhere():
     assert p.feed("a <｜tool")[0] == "a " and p.flush() == "<｜tool"
     p = ToolCallParser()
     assert p.feed(TOOL_CALLS_BEGIN + "junk") == ("", []) and p.flush() == TOOL_CALLS_BEGIN + "junk"
+
+
+def test_reasoner_thinks_freely_then_answers_in_the_grammar(srv):
+    """With the reasoner template the grammar leaves the reasoning free up to </think>: the scripted
+    chain still thinks "Let me think", and the answer is the constrained JSON / tool call."""
+    r = srv.client.chat.completions.create(model="deepseek-reasoner", messages=ASK, temperature=0, max_tokens=300,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "w", "schema": WEATHER}})
+    msg = r.choices[0].message
+    assert msg.reasoning_content == "Let me think" and r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(msg.content), WEATHER)
+    r = _create(srv, model="deepseek-reasoner", temperature=0, tool_choice={"type": "function",
+                                                                             "function": {"name": "lookup"}})
+    assert r.choices[0].message.reasoning_content == "Let me think"
+    jsonschema.validate(json.loads(r.choices[0].message.tool_calls[0].function.arguments), LOOKUP)
