@@ -108,3 +108,17 @@ def test_masks_compose_with_batching_and_speculation(tok):
     got = [o.token_ids for o in spec.generate(prompts, plist)]
     assert got == want
     assert spec.stats["spec_num_draft_tokens"] > 0
+
+
+def test_generate_command_heals(tmp_path, tok, capsys):
+    """`nanoseek generate --token-healing`: the text printed after the prompt is the engine's healed reply."""
+    from nanoseek.checkpoint import save_pretrained
+    from nanoseek.engine.chat import GenerateConfig, generate_cmd
+
+    d = tmp_path / "ckpt"
+    save_pretrained(sharp_tiny(vocab_size=tok.vocab_size), d, extra={"tokenizer": tok.save})
+    cfg = GenerateConfig(ckpt=str(d), prompt=HEALED, max_tokens=8, temperature=0, token_healing=True, device="cpu")
+    answer = generate_cmd(cfg)
+    want, = Engine(str(d), device="cpu").generate([HEALED], cfg.params())
+    assert answer == want.text and capsys.readouterr().out.startswith(HEALED + want.text)
+    assert want.prompt_token_ids == tok.encode(PLAIN)

@@ -76,7 +76,7 @@ class _Sampling:
         return SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                               top_k=self.top_k, frequency_penalty=self.frequency_penalty,
                               presence_penalty=self.presence_penalty, repetition_penalty=self.repetition_penalty,
-                              seed=self.seed, stop=list(self.stop))
+                              seed=self.seed, stop=list(self.stop), token_healing=getattr(self, "token_healing", False))
 
     def engine(self):
         import torch
@@ -103,6 +103,9 @@ class GenerateConfig(_Sampling):
                                                        "(FIM: the model's tokenizer needs FIM tokens)"})
     chat: bool = field(default=False, metadata={"help": "wrap the prompt as a user turn of the chat template"})
     think: bool = field(default=False, metadata={"help": "with --chat: open a <think> block for the reply"})
+    token_healing: bool = field(default=False, metadata={
+        "help": "back up the prompt's last token and let the first generated token(s) spell it (for a prompt "
+                "that ends mid-token, e.g. in indentation); the output starts after the prompt"})
 
 
 @dataclass
