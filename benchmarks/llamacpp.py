@@ -15,8 +15,10 @@ With `--ckpt`, both sides answer the same held-out chat prompts of `--task`, one
 greedily, to the end-of-sequence token (at most --new-tokens): the tokens must be equal in f32
 (q8_0's are counted, not required). With `--preset`, a randomly initialised model of that size
 (its weights past the last-level cache: batch-1 decode is memory-bound) writes a fixed
---new-tokens after random prompts; the tokens are counted, as random weights leave near-ties. The tokenizer is checked too: llama.cpp's tokenization (its pre-type
-`starcoder`) of a set of texts equals nanoseek's. Speed: generated tokens ÷ the process's CPU
+--new-tokens after random prompts; the tokens are counted, as random weights leave near-ties. Before that, the next-token logits after each prompt are compared (llama.cpp
+runs with an f32 latent cache and without flash attention, so f32 is f32 on both sides). The
+tokenizer is checked too: llama.cpp's tokenization (its pre-type `starcoder`) of a set of texts
+equals nanoseek's. Speed: generated tokens ÷ the process's CPU
 seconds (prefill included), best of --reps after a warm-up, the sides alternated, every side on
 --threads threads.
 """
@@ -102,6 +104,10 @@ class Llama:
         cp = C.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, n_ctx
         cp.n_threads = cp.n_threads_batch = threads
+        # f32 end to end, as the engine runs: llama.cpp's defaults keep the latent cache in f16 and
+        # its CPU flash attention rounds through f16 (1e-3 relative differences in the logits)
+        cp.type_k = cp.type_v = C.GGML_TYPE_F32
+        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = C.llama_init_from_model(self.model, cp)
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
@@ -118,10 +124,13 @@ class Llama:
             raise RuntimeError("llama_decode failed")
         return np.ctypeslib.as_array(self.C.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
 
-    def greedy(self, prompt: list[int], max_new: int, eos: int) -> list[int]:
+    def last_logits(self, prompt: list[int]) -> np.ndarray:
         self.C.llama_memory_clear(self.C.llama_get_memory(self.ctx), True)
+        return self._decode(prompt).copy()
+
+    def greedy(self, prompt: list[int], max_new: int, eos: int) -> list[int]:
         out: list[int] = []
-        logits = self._decode(prompt)
+        logits = self.last_logits(prompt)
         while len(out) < max_new:
             nxt = int(logits.argmax())
             out.append(nxt)
@@ -193,6 +202,14 @@ def main() -> None:
               "texts")
         assert all(same), [x for x, s in zip(TEXTS, same) if not s]
 
+    with torch.no_grad():
+        ours_last = [model(torch.tensor([p]))[0, -1].numpy() for p in prompts]
+    for t, llama in llamas.items():
+        gap = max(float(np.abs(llama.last_logits(p) - a).max()) for p, a in zip(prompts, ours_last))
+        scale = max(float(np.abs(a).max()) for a in ours_last)
+        print(f"llama.cpp {t}: next-token logits after each prompt within {gap:.2e} of nanoseek's (max |logit| "
+              f"{scale:.2f})")
+
     made: dict[str, list[list[int]]] = {}
 
     def ours():
@@ -205,19 +222,15 @@ def main() -> None:
         fns[f"llama.cpp {t}"] = theirs
     best = timed(fns, args.reps)
 
-    def strip(seqs):  # the engine leaves the stop token out of its output
-        return [s[:-1] if s and eos is not None and s[-1] == eos else s for s in seqs]
-
-    ref = strip(made["nanoseek"])
-    n = sum(map(len, made["nanoseek"]))
+    ref = made["nanoseek"]  # both sides end a sequence with its end-of-sequence token
+    n = sum(map(len, ref))
     for t in llamas:
-        got = strip(made[t])
-        equal = sum(a == b for a, b in zip(got, ref))
-        same = sum(x == y for a, b in zip(got, ref) for x, y in zip(a, b))
+        equal = sum(a == b for a, b in zip(made[t], ref))
+        same = sum(x == y for a, b in zip(made[t], ref) for x, y in zip(a, b))
         print(f"llama.cpp {t}: greedy tokens equal the engine's on {equal}/{len(ref)} prompts "
               f"({same}/{n} tokens in place)")
         if t == "f32" and args.ckpt:
-            assert got == ref, "llama.cpp f32 wrote other tokens than the engine"
+            assert made[t] == ref, "llama.cpp f32 wrote other tokens than the engine"
     base = best["nanoseek f32"]
     print("batch 1: " + " | ".join(f"{name} {n / s:.1f} tok/s" for name, s in best.items()))
     print("    " + ", ".join(f"{name} x{base / s:.2f} of nanoseek f32" for name, s in best.items() if name != "nanoseek f32"))
