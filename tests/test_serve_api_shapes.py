@@ -307,3 +307,18 @@ def test_metrics_also_under_vllm_names(srv):
             for k, v in mine.items():
                 assert m[name + k[len("nanoseek_" + ours):]] == v, (k, name)
     assert m["vllm:prefix_cache_queries_total"] == m["nanoseek_prompt_tokens_total"] > 0
+
+
+@pytest.mark.parametrize("path, field, value", [
+    ("/v1/chat/completions", "logit_bias", {"42": 5}), ("/v1/chat/completions", "functions", [{"name": "f"}]),
+    ("/v1/chat/completions", "function_call", "auto"), ("/v1/chat/completions", "audio", {"voice": "alloy"}),
+    ("/v1/chat/completions", "modalities", ["text", "audio"]), ("/v1/chat/completions", "web_search_options", {}),
+    ("/v1/completions", "logit_bias", {"42": -100}), ("/v1/completions", "best_of", 3)])
+def test_fields_that_would_change_the_answer_unseen_are_400(srv, path, field, value):
+    body = {"model": "nanoseek", "max_tokens": 2, field: value}
+    body.update({"prompt": "Hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "Hi"}]})
+    r = srv.http.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    harmless = {"logit_bias": {}, "modalities": ["text"], "best_of": 1}
+    if field in harmless:
+        assert srv.http.post(path, json={**body, field: harmless[field]}).status_code == 200

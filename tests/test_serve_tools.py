@@ -161,6 +161,8 @@ def test_parser_reads_calls_cut_anywhere():
         assert content == "Let me check."
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
             ("get_weather", {"city": "Paris", "unit": "c"}), ("lookup", {"q": "x"})]
+    p = ToolCallParser(max_calls=1)  # parallel_tool_calls false: the first call only
+    assert [c["function"]["name"] for c in p.feed(text)[1]] == ["get_weather"]
     p = ToolCallParser()  # a marker that never completes is content; an unfinished call block too
     assert p.feed("a <｜tool")[0] == "a " and p.flush() == "<｜tool"
     p = ToolCallParser()

@@ -210,6 +210,14 @@ def check_unicode(req) -> None:
                        param=bad)
 
 
+def check_supported(req) -> None:
+    """A field this server does not implement, and whose effect a client would miss unseen, is a 400."""
+    bad = req.unsupported()
+    if bad is not None:
+        raise APIError(400, f"{bad} is not supported by this server (docs/serving.md lists the fields it takes)",
+                       "unsupported_parameter", param=bad)
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     """Malformed JSON or a body that is not an object → 400; a field with a bad value → 422."""
     errors = exc.errors()
@@ -668,6 +676,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
     @app.post("/chat/completions", dependencies=auth, include_in_schema=False)
     async def chat(req: ChatCompletionRequest, request: Request):
         check_unicode(req)
+        check_supported(req)
         think = srv.check_model(req.model)
         ticket = srv.admit()
         try:
@@ -692,6 +701,7 @@ def create_app(engine, cfg: ServeConfig) -> FastAPI:
     @app.post("/completions", dependencies=auth, include_in_schema=False)
     async def completions(req: CompletionRequest, request: Request):
         check_unicode(req)
+        check_supported(req)
         srv.check_model(req.model)
         if req.suffix is not None:  # fill-in-the-middle: each prompt is the prefix
             if srv.tok.fim_ids is None:
@@ -966,7 +976,7 @@ async def _chat_full(srv: _Server, req, rid, jobs, in_think):
             content = "".join(t for kind, t in pieces if kind == CONTENT)
             calls = []
             if srv.shown_tools(req):
-                parser = ToolCallParser()
+                parser = ToolCallParser(1 if req.parallel_tool_calls is False else None)
                 content, calls = parser.feed(content)
                 content += parser.flush()
             msg = ResponseMessage(content=content if content or not calls else None,
@@ -980,7 +990,8 @@ async def _chat_full(srv: _Server, req, rid, jobs, in_think):
 async def _chat_stream(srv: _Server, req, rid, jobs, in_think, include_usage):
     created = int(time.time())
     splitters = [ThinkSplitter(in_think) for _ in jobs]
-    parsers = [ToolCallParser() for _ in jobs] if srv.shown_tools(req) else None
+    parsers = [ToolCallParser(1 if req.parallel_tool_calls is False else None)
+               for _ in jobs] if srv.shown_tools(req) else None
 
     def chunk(k: int, delta: DeltaMessage, finish=None, lps=None):
         return _data(ChatCompletionChunk(

@@ -118,6 +118,11 @@ class NamedToolChoice(_Lenient):
     function: NamedFunction
 
 
+# refused when set, except for the values that change nothing
+UNSUPPORTED = ("logit_bias", "functions", "function_call", "audio", "modalities", "web_search_options", "best_of")
+HARMLESS = {"logit_bias": ({},), "modalities": (["text"],), "best_of": (1,)}
+
+
 class _SamplingFields(_Lenient):
     """Fields shared by /chat/completions and /completions."""
 
@@ -140,6 +145,17 @@ class _SamplingFields(_Lenient):
     # nanoseek: back up the prompt's last token and let the first generated token(s) spell it
     # (a prompt that ends mid-token, e.g. in indentation); the reply's text starts after the prompt
     token_healing: bool = False
+    # OpenAI fields nanoseek does not implement and must not ignore (ignoring would change the
+    # answer unseen): present only so that a request using them is a 400 naming the field
+    logit_bias: dict[str, Any] | None = None
+
+    def unsupported(self) -> str | None:
+        """The first field set that this server refuses, or None."""
+        for name in UNSUPPORTED:
+            v = getattr(self, name, None)
+            if v is not None and v not in HARMLESS.get(name, ()):
+                return name
+        return None
 
     @field_validator("stop")
     @classmethod
@@ -183,6 +199,13 @@ class _ChatPrompt(_Lenient):
 
 class ChatCompletionRequest(_SamplingFields, _ChatPrompt):
     messages: list[ChatMessage] = Field(min_length=1)
+    parallel_tool_calls: bool | None = None  # false: at most one call (the first) is returned
+    # refused (see UNSUPPORTED): OpenAI's deprecated function calling (use tools), audio, web search
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict[str, Any] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     response_format: ResponseFormat | None = None
     logprobs: bool = False
@@ -220,6 +243,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     # 0 only with echo: score the prompt without generating (evaluation harnesses' log-likelihood requests)
     max_tokens: int | None = Field(None, ge=0)
+    best_of: int | None = None  # refused unless 1 (see UNSUPPORTED)
     suffix: str | None = None  # FIM (beta); nanoseek's tokenizer has no FIM tokens, so rejected
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)

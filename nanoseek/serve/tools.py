@@ -29,10 +29,11 @@ class ToolCallParser:
     """Feed content deltas; get back (content to show, calls completed), each call a dict with
     ``id``, ``type`` and ``function`` {``name``, ``arguments``} as OpenAI's ``tool_calls``."""
 
-    def __init__(self):
+    def __init__(self, max_calls: int | None = None):
         self._buf = ""
         self.in_calls = False
         self.calls: list[dict] = []
+        self.max_calls = max_calls  # parallel_tool_calls false: 1 (later calls are dropped)
 
     def feed(self, delta: str) -> tuple[str, list[dict]]:
         self._buf += delta
@@ -50,6 +51,8 @@ class ToolCallParser:
             self._buf = self._buf[m.end():]
             body = _BODY.fullmatch(m.group(2))
             name, args = (body.group(1), body.group(2)) if body else (m.group(2).strip(), "{}")
+            if self.max_calls is not None and len(self.calls) >= self.max_calls:
+                continue
             call = {"id": new_call_id(), "type": "function",
                     "function": {"name": name.strip(), "arguments": args}}
             self.calls.append(call)
