@@ -40,7 +40,7 @@ def pruned(tmp_path_factory, tok):
     root = tmp_path_factory.mktemp("experts")
     save_pretrained(model, root / "ckpt", extra={"tokenizer": lambda p: tok.save(p)})
     assert main(["compress", "--ckpt", str(root / "ckpt"), "--method", "experts", "--sparsity", "0.25",
-                 "--score", "reap", "--calib", "builtin:arith?chat=0.5", "--calib-samples", "8", "--seq-len", "64",
+                 "--score", "reap", "--calib", "builtin:arith?n=40&chat=0.5", "--calib-samples", "8", "--seq-len", "64",
                  "--out", str(root / "pruned")]) == 0
     return model, root / "pruned"
 

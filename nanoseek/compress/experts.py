@@ -19,9 +19,7 @@ meaning, and `n_routed_experts` stays divisible by `n_group`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -118,59 +116,44 @@ def prune_experts(model: DeepSeekV3, batches: Iterable[torch.Tensor], sparsity: 
     was kept and why."""
     cfg = pruned_config(model.config, sparsity)
     scores = expert_scores(model, batches, score)
-    pruned = DeepSeekV3(cfg)
-    own = model.state_dict()
     kept = {name: kept_experts(s, cfg.n_routed_experts, cfg.n_group) for name, s in scores.items()}
-    state = {}
-    for name, t in pruned.state_dict().items():
-        src = own[name]
-        if src.shape != t.shape:  # router rows, bias entries, stacked expert weights: indexed by expert
-            src = src.index_select(0, kept[name.rsplit(".", 2)[0]])  # "layers.3.mlp" + ".gate.weight"
-        state[name] = src
-    pruned.load_state_dict(state)
-    cast(pruned, next(model.parameters()).dtype)
+    pruned = keep_only(model, kept)
     report = {
         "score": score,
         "n_routed_experts": [model.config.n_routed_experts, cfg.n_routed_experts],
         "kept": {name: k.tolist() for name, k in kept.items()},
         "scores": {name: [round(float(v), 6) for v in s] for name, s in scores.items()},
     }
-    return pruned.eval(), report
+    return pruned, report
 
 
-def calibration_batches(spec: str, tokenizer, n: int, seq_len: int, seed: int, batch: int = 8):
-    """n windows of seq_len tokens from a token shard directory or builtin:NAME[?knobs] (generated
-    with `seed`), in batches."""
-    from ..data.shards import TokenShards
-    from ..data.sources import parse_builtin
-    from ..train.data import builtin_tokens
-
-    need = n * seq_len
-    if spec.startswith("builtin:"):
-        name, docs, spec_seed, knobs = parse_builtin(spec, default_n=max(32, need // 32))
-        tokens = builtin_tokens(name, docs, spec_seed if "seed=" in spec else seed, tokenizer, knobs)
-    elif Path(spec).is_dir():
-        shards = TokenShards(Path(spec))
-        tokens = np.asarray(shards[0:min(len(shards), need)], dtype=np.int64)
-    else:
-        raise FileNotFoundError(f"--calib {spec}: not a token shard directory or builtin:NAME")
-    if len(tokens) < need:
-        reps = -(-need // max(len(tokens), 1))
-        tokens = np.tile(tokens, reps)
-    rows = torch.from_numpy(tokens[:need].copy()).view(n, seq_len)
-    return list(rows.split(batch))
+@torch.no_grad()
+def keep_only(model: DeepSeekV3, kept: dict[str, torch.Tensor]) -> DeepSeekV3:
+    """A copy of `model` whose MoE module `name` keeps only the routed experts kept[name] (the
+    same number for every module): router rows, bias entries, stacked expert weights."""
+    cfg = model.config.replace(n_routed_experts=len(next(iter(kept.values()))))
+    pruned = DeepSeekV3(cfg)
+    own = model.state_dict()
+    state = {}
+    for name, t in pruned.state_dict().items():
+        src = own[name]
+        if src.shape != t.shape:  # indexed by expert: "layers.3.mlp" + ".gate.weight", ".experts.up_proj", ...
+            src = src.index_select(0, kept[name.rsplit(".", 2)[0]])
+        state[name] = src
+    pruned.load_state_dict(state)
+    return cast(pruned, next(model.parameters()).dtype).eval()
 
 
 def compress_experts(cfg) -> dict:
-    """`nanoseek compress --method experts`: prune cfg.sparsity of the routed experts by --score."""
+    """`--method experts`: drop cfg.sparsity of each layer's routed experts, least useful by --score."""
     from ..checkpoint import ckpt_flag, load_pretrained, save_pretrained
     from ..tokenizer import Tokenizer
+    from .calib import calib_batches
+    from .save import copy_side_files, weight_bytes
 
-    ckpt = ckpt_flag(cfg.ckpt)
-    tok = Tokenizer.load(ckpt)
-    model = load_pretrained(ckpt)
+    src = ckpt_flag(cfg.ckpt)
+    model = load_pretrained(src)
     pruned_config(model.config, cfg.sparsity)  # refused before calibration runs
-    batches = calibration_batches(cfg.calib, tok, cfg.calib_samples, cfg.seq_len, cfg.seed)
-    pruned, report = prune_experts(model, batches, cfg.sparsity, cfg.score)
-    save_pretrained(pruned, cfg.out, extra={"tokenizer": lambda p: tok.save(p)})
-    return report
+    pruned, report = prune_experts(model, calib_batches(cfg, Tokenizer.load(src)), cfg.sparsity, cfg.score)
+    save_pretrained(pruned, cfg.out, extra={"side": lambda d: copy_side_files(src, d)})
+    return {**report, "bytes": weight_bytes(cfg.out), "source_bytes": weight_bytes(src)}
