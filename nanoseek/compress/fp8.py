@@ -15,11 +15,9 @@ dequantizing each block once, at load time.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -79,17 +77,12 @@ def decode(key: str, get, qc: dict) -> torch.Tensor:
 
 def compress_fp8(cfg) -> dict:
     """`--method fp8`: the checkpoint rewritten in DeepSeek's FP8 layout."""
-    from ..checkpoint import WEIGHTS, atomic_dir, ckpt_flag, load_pretrained, to_hf_state_dict
-    from .save import copy_side_files, weight_bytes
+    from ..checkpoint import ckpt_flag, load_pretrained, to_hf_state_dict
+    from .save import weight_bytes, write_quantized
 
     src = ckpt_flag(cfg.ckpt)
     model = load_pretrained(src)
     state = fp8_state_dict(to_hf_state_dict(model))
-    with atomic_dir(cfg.out) as tmp:
-        d = model.config.to_hf_dict()
-        d["quantization_config"] = dict(QUANTIZATION_CONFIG)
-        (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        copy_side_files(src, tmp)
+    write_quantized(src, model, state, dict(QUANTIZATION_CONFIG), cfg.out)
     n_fp8 = sum(t.numel() for t in state.values() if t.dtype == torch.float8_e4m3fn)
     return {"weights_fp8": n_fp8, "bytes": weight_bytes(Path(cfg.out)), "source_bytes": weight_bytes(src)}

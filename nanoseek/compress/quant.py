@@ -18,7 +18,6 @@ used for training and for the validation loss, holds the dequantized values.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -153,20 +152,13 @@ def kernel_spec(qc: dict) -> dict | None:
 
 # ---------------------------------------------------------------------- the methods
 def _compress(cfg, bits: int) -> dict:
-    from ..checkpoint import WEIGHTS, atomic_dir, ckpt_flag, load_pretrained, to_hf_state_dict
-    from safetensors.torch import save_file
-
-    from .save import copy_side_files, weight_bytes
+    from ..checkpoint import ckpt_flag, load_pretrained, to_hf_state_dict
+    from .save import weight_bytes, write_quantized
 
     src = ckpt_flag(cfg.ckpt)
     model = load_pretrained(src)
     state, qc = quantized_state_dict(to_hf_state_dict(model), bits, cfg.group_size)
-    with atomic_dir(cfg.out) as tmp:
-        d = model.config.to_hf_dict()
-        d["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        copy_side_files(src, tmp)
+    write_quantized(src, model, state, qc, cfg.out)
     n = sum(len(g["targets"]) for g in qc["config_groups"].values())
     return {"bits": bits, "group_size": None if bits == 8 else cfg.group_size, "matrices_quantized": n,
             "bytes": weight_bytes(Path(cfg.out)), "source_bytes": weight_bytes(src)}

@@ -51,7 +51,6 @@ def cpu_model() -> str:
 def measure(path: str, tokens: int = DECODE_TOKENS, batches=BATCHES, reps: int = 2) -> dict:
     """In this process: load `path` into the engine, decode `tokens` greedy tokens after fixed
     prompts at each batch size; tokens/s from process CPU time (best of `reps`), peak RSS."""
-    import resource
     import time
 
     import torch
@@ -72,8 +71,19 @@ def measure(path: str, tokens: int = DECODE_TOKENS, batches=BATCHES, reps: int =
             engine.generate(prompts, params)
             best = min(best, time.process_time() - t)
         out[f"tok_s_b{B}"] = B * tokens / best
-    out["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_mib"] = peak_rss() / 2**20
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (VmHWM: unlike getrusage's ru_maxrss it
+    restarts at exec, so a child does not inherit its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def measure_in_child(path: Path, tokens: int = DECODE_TOKENS) -> dict:
