@@ -33,6 +33,7 @@ SWEEP: list[tuple[str, str, dict]] = [
     ("wanda-50%", "wanda", {"sparsity": 0.5}),
     ("magnitude-2:4", "magnitude", {"pattern": "2:4"}),
     ("wanda-2:4", "wanda", {"pattern": "2:4"}),
+    ("experts-25%", "experts", {"sparsity": 0.25}),
 ]
 DECODE_TOKENS = 32
 BATCHES = (1, 32)
