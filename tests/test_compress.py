@@ -252,10 +252,10 @@ def test_prune_model_magnitude_is_per_matrix():
 
 # ---------------------------------------------------------------------- the sweep's choice, the CLI
 def test_pareto_and_budget():
-    rows = [dict(variant="original", mib=4, peak_mib=300, tok_s_b1=100, tok_s_b32=900, accuracy=98.0, val_bpb=0.3),
-            dict(variant="int8", mib=1, peak_mib=290, tok_s_b1=180, tok_s_b32=1500, accuracy=97.5, val_bpb=0.31),
-            dict(variant="int4", mib=0.6, peak_mib=280, tok_s_b1=220, tok_s_b32=1400, accuracy=90.0, val_bpb=0.4),
-            dict(variant="wanda", mib=4, peak_mib=300, tok_s_b1=95, tok_s_b32=880, accuracy=96.0, val_bpb=0.33)]
+    rows = [dict(variant="original", mib=4, peak_mib=300, tok_s_b1=100, tok_s_b32=900, accuracy=98.0, val_loss=0.2, val_bpb=0.3),
+            dict(variant="int8", mib=1, peak_mib=290, tok_s_b1=180, tok_s_b32=1500, accuracy=97.5, val_loss=0.21, val_bpb=0.31),
+            dict(variant="int4", mib=0.6, peak_mib=280, tok_s_b1=220, tok_s_b32=1400, accuracy=90.0, val_loss=0.3, val_bpb=0.4),
+            dict(variant="wanda", mib=4, peak_mib=300, tok_s_b1=95, tok_s_b32=880, accuracy=96.0, val_loss=0.22, val_bpb=0.33)]
     assert [r["variant"] for r in pareto(rows)] == ["original", "int8", "int4"]
     assert pick(rows, 1.0)["variant"] == "int8"
     assert pick(rows, 0.0)["variant"] == "original"

@@ -5,9 +5,9 @@ at load time; for an int8/int4 checkpoint each folded matrix is quantized again,
 checkpoint's own scheme (quant.quantize), and packed for its kernel:
 
 * int8 → fbgemm's `quantized::linear_dynamic`: int8 weights (one scale per output channel), the
-  activations quantized to 8 bits per call (one scale per call), int32 accumulation. Torch's
-  weight-only int8 kernel (`_weight_int8pack_mm`) was slower than the fp32 matmul on the AVX-512
-  CPU this was measured on (docs/compression.md), fbgemm's several times faster;
+  activations quantized to 8 bits per call (one scale per call), int32 accumulation — because
+  torch's weight-only int8 kernel (`_weight_int8pack_mm`) does not beat the fp32 matmul on x86
+  CPUs, while fbgemm's integer GEMM does (docs/compression.md);
 * int4 → torch's `_weight_int4pack_mm_for_cpu`: weight-only, one scale per group of inputs, the
   activations in bf16 (the kernel's fast path), the result back in fp32.
 

@@ -124,7 +124,8 @@ def pick(rows: list[dict], budget: float) -> dict:
 
 COLUMNS = [("variant", "variant", "{}"), ("MiB on disk", "mib", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
            ("tok/s b1", "tok_s_b1", "{:.1f}"), ("tok/s b32", "tok_s_b32", "{:.1f}"),
-           ("accuracy %", "accuracy", "{:.1f}"), ("val bpb", "val_bpb", "{:.4f}")]
+           ("accuracy %", "accuracy", "{:.1f}"), ("val loss", "val_loss", "{:.4f}"),
+           ("val bpb", "val_bpb", "{:.4f}")]
 
 
 def table(rows: list[dict]) -> str:
