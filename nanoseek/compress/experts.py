@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 
 from ..checkpoint import cast
 from ..config import ModelConfig
@@ -49,11 +48,10 @@ def expert_scores(model: DeepSeekV3, batches: Iterable[torch.Tensor], score: str
             w, idx, _ = moe.gate(x)
             hits[name] += torch.bincount(idx.flatten(), minlength=E).double()
             if score == "reap":  # Σ over routed tokens of g_j(x)·‖E_j(x)‖₂
-                ex = moe.experts
                 for e in idx.unique().tolist():
                     tok, slot = (idx == e).nonzero(as_tuple=True)
-                    xe = x[tok]
-                    out = (F.silu(xe @ ex.gate_proj[e].t()) * (xe @ ex.up_proj[e].t())) @ ex.down_proj[e].t()
+                    one = torch.ones(len(tok), 1)  # E_j(x) alone: gate value 1, expert j only
+                    out = moe.experts(x[tok], one, torch.full_like(one, e, dtype=torch.long))
                     total[name][e] += (w[tok, slot].double() * out.double().norm(dim=-1)).sum()
         return record
 
