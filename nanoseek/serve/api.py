@@ -461,6 +461,13 @@ class _Server:
             return None
         return [t.model_dump(exclude_none=True) for t in req.tools]
 
+    def tool_parser(self, req) -> ToolCallParser | None:
+        """A reader of the reply's tool calls, when the template showed tools (``parallel_tool_calls``
+        false: the first call only)."""
+        if not self.shown_tools(req):
+            return None
+        return ToolCallParser(1 if req.parallel_tool_calls is False else None)
+
     @staticmethod
     def forced_tools(req) -> list | None:
         """The tools one of which the reply must call (tool_choice "required" or a named function),
@@ -975,8 +982,7 @@ async def _chat_full(srv: _Server, req, rid, jobs, in_think):
             reasoning = "".join(t for kind, t in pieces if kind == REASONING)
             content = "".join(t for kind, t in pieces if kind == CONTENT)
             calls = []
-            if srv.shown_tools(req):
-                parser = ToolCallParser(1 if req.parallel_tool_calls is False else None)
+            if (parser := srv.tool_parser(req)) is not None:
                 content, calls = parser.feed(content)
                 content += parser.flush()
             msg = ResponseMessage(content=content if content or not calls else None,
@@ -990,8 +996,7 @@ async def _chat_full(srv: _Server, req, rid, jobs, in_think):
 async def _chat_stream(srv: _Server, req, rid, jobs, in_think, include_usage):
     created = int(time.time())
     splitters = [ThinkSplitter(in_think) for _ in jobs]
-    parsers = [ToolCallParser(1 if req.parallel_tool_calls is False else None)
-               for _ in jobs] if srv.shown_tools(req) else None
+    parsers = [srv.tool_parser(req) for _ in jobs] if srv.shown_tools(req) else None
 
     def chunk(k: int, delta: DeltaMessage, finish=None, lps=None):
         return _data(ChatCompletionChunk(
