@@ -13,6 +13,10 @@ tokens and the text is exactly what the target alone would write:
   emitted token is then distributed exactly as p — the target after penalties, temperature,
   top-k and top-p, which are applied to q the same way.
 
+A request with an allowed-token constraint (a grammar, token healing: nanoseek/engine/constraints.py)
+drafts nothing — its drafts would have to be masked and verified against a constraint state
+advanced through each draft — so its steps decode one token each, beside requests that draft.
+
 Each draw reads a uniform hashed from (the request's seed, the output position, a stream): the
 draft (stream 1), its acceptance test (stream 2), the final token (stream 0, the ordinary
 sampling stream), so a seeded request is reproducible alone or in any batch.
