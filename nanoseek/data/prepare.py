@@ -56,7 +56,8 @@ class PrepareConfig:
     data: str = field(metadata={"help": "a text/code (.txt, .py, …), .jsonl or .parquet file, a folder, a glob, "
                                         "builtin:NAME[?n=&seed=] or hf:NAME[:CONFIG][?split=]"})
     tokenizer: str = field(metadata={"help": "tokenizer directory (tokenizer.json), e.g. from `nanoseek tokenizer train`"})
-    out: str = field(metadata={"help": "output directory: token shards, index.json, report.json, config.json, clean.jsonl, rejected.jsonl"})
+    out: str = field(metadata={"help": "output directory: token shards, index.json, report.json, config.json, "
+                                       "clean.jsonl, rejected.jsonl"})
     text_field: str = field(default="text", metadata={"help": "jsonl/parquet column holding the text"})
     max_docs: int | None = field(default=None, metadata={"help": "read at most this many input documents"})
     normalize: str = field(default="NFC", metadata={"help": "Unicode normal form: NFC | NFKC | none"})
@@ -227,7 +228,8 @@ class _Curator:
             if rule:
                 self.removed_docs[rule] += 1
                 self.removed_chars[rule] += len(raw)
-                rejected.write(json.dumps({"source": source, "rule": rule, "chars": len(raw)}, ensure_ascii=False) + "\n")
+                rejected.write(json.dumps({"source": source, "rule": rule, "chars": len(raw)},
+                                          ensure_ascii=False) + "\n")
                 top = self.top.setdefault(rule, [])
                 heapq.heappush(top, (len(raw), source))
                 if len(top) > TOP_REJECTED:
@@ -352,6 +354,6 @@ def format_report(report: dict) -> str:
             lines.append(f"largest removed by {rule}: {', '.join(r['largest'])}")
     skipped = report["files_skipped"]
     if skipped:
-        lines.append(f"{len(skipped)} file(s) skipped: " + "; ".join(f"{s['path']} ({s['why']})" for s in skipped[:10])
-                     + (" …" if len(skipped) > 10 else ""))
+        named = "; ".join(f"{s['path']} ({s['why']})" for s in skipped[:10])
+        lines.append(f"{len(skipped)} file(s) skipped: {named}" + (" …" if len(skipped) > 10 else ""))
     return "\n".join(lines)

@@ -91,9 +91,9 @@ def reorder(src, dst, val_fraction: float, seed: int, shuffle: bool = True, shar
     """Rewrite the shards of ``src`` into ``dst`` in a seeded order; returns the new index.
 
     ``round(val_fraction · docs)`` documents (at least one of two or more, never all), drawn at
-    random, go last: the validation set, by document (index ``val_docs``). The others follow in a seeded random order with ``shuffle``,
-    else in the order of ``src``. Documents are copied one by one from the memmap, so memory
-    holds the document offsets only.
+    random, go last: the validation set, by document (index ``val_docs``). The others follow in
+    a seeded random order with ``shuffle``, else in the order of ``src``. Documents are copied
+    one by one from the memmap, so memory holds the document offsets only.
     """
     ts = TokenShards(src)
     n = len(ts.doc_starts)

@@ -76,14 +76,15 @@ def open_streams(data: str, tokenizer=None, val_fraction: float = 0.01,
 
     Shards: the documents `data prepare` held out (index.json's val_docs, the last ones); for
     shards without them, the documents that start in the last `val_fraction` of the tokens.
-    Builtin: validation is `val_docs` documents generated from a different seed.
+    Builtin: validation is `val_docs` documents generated from a different seed, or, for a
+    corpus of files (builtin:stdlib), its validation files.
     """
     if data.startswith("builtin:"):
         if tokenizer is None:
             raise ValueError(f"--data {data}: a builtin corpus needs a tokenizer to be tokenized with")
         name, n, seed, knobs = parse_builtin(data, BUILTIN_DEFAULT_DOCS)
         train = builtin_tokens(name, n, seed, tokenizer, knobs)
-        if "split" in knobs or name in FILE_CORPORA:  # a corpus of files holds its own split out
+        if name in FILE_CORPORA:  # a corpus of files holds its own files out
             val = builtin_tokens(name, val_docs, seed, tokenizer, {**knobs, "split": "validation"})
         else:
             val = builtin_tokens(name, val_docs, seed + VAL_SEED_OFFSET, tokenizer, knobs)
