@@ -65,6 +65,15 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["report", "{missing}"], ["RUN {missing}", "no such directory"]),
     (["report", "{file}"], ["RUN {file}", "is a file"]),
     (["report", "{empty}"], ["{empty}", "holds no stage run directories"]),
+    # ------------------------------------------------------------------ export, compress --method experts
+    (["export", "--ckpt", "{ckpt}"], ["the following arguments are required: --out"]),
+    (["export", "--ckpt", "{ckpt}", "--out", "{out}", "--type", "q4_0"], ["argument --type: invalid choice: 'q4_0'"]),
+    (["export", "--ckpt", "{missing}", "--out", "{out}"], ["--ckpt {missing}", "no such checkpoint directory"]),
+    (["export", "--ckpt", "{ckpt}", "--out", "{empty}"], ["--out {empty}", "is a directory"]),
+    (["compress", "--ckpt", "{ckpt}", "--method", "experts", "--score", "often", "--out", "{out}"],
+     ["argument --score: invalid choice: 'often'"]),
+    (["compress", "--ckpt", "{ckpt}", "--method", "experts", "--sparsity", "0.75", "--out", "{out}"],
+     ["--sparsity 0.75", "fewer than 2 per expert group"]),
     # ------------------------------------------------------------------ tokenizer train
     (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "0"], ["--vocab-size 0", "≥ 267"]),
     (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "100"], ["--vocab-size 100", "≥ 267"]),
