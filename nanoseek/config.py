@@ -354,6 +354,35 @@ def _small() -> ModelConfig:
     )
 
 
+def _v3_scaled(hidden: int, layers: int, heads: int, experts: int, vocab: int, q_rank: int, kv_rank: int,
+               head_dim: int, rope_dim: int, dense_ffn: int, expert_ffn: int, context: int) -> ModelConfig:
+    """A DeepSeek-V3 of another size, every feature as V3 has it: MLA with low-rank q and kv,
+    sigmoid-routed fine-grained experts (8 per token, in 8 groups of which 4 are searched, as
+    V3), one shared expert, the first layer dense, one MTP module, V3's routed scaling 2.5."""
+    return ModelConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=dense_ffn, moe_intermediate_size=expert_ffn,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=head_dim, qk_rope_head_dim=rope_dim,
+        v_head_dim=head_dim, n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=8,
+        n_group=8, topk_group=4, routed_scaling_factor=2.5, first_k_dense_replace=1,
+        num_nextn_predict_layers=1, max_position_embeddings=context, initializer_range=0.02)
+
+
+def _v3_15m() -> ModelConfig:
+    return _v3_scaled(hidden=256, layers=6, heads=4, experts=32, vocab=8192, q_rank=128, kv_rank=64,
+                      head_dim=32, rope_dim=32, dense_ffn=768, expert_ffn=72, context=1024)
+
+
+def _v3_60m() -> ModelConfig:
+    return _v3_scaled(hidden=512, layers=8, heads=8, experts=32, vocab=16384, q_rank=256, kv_rank=128,
+                      head_dim=64, rope_dim=32, dense_ffn=1536, expert_ffn=96, context=2048)
+
+
+def _v3_250m() -> ModelConfig:
+    return _v3_scaled(hidden=768, layers=12, heads=12, experts=48, vocab=32768, q_rank=384, kv_rank=256,
+                      head_dim=64, rope_dim=32, dense_ffn=2048, expert_ffn=128, context=4096)
+
+
 def _dense(base: ModelConfig, **sizes: Any) -> ModelConfig:
     """A distillation student: `base`'s attention (MLA) with every layer a dense FFN
     (first_k_dense_replace = num_hidden_layers) and no MTP module. It is still a `deepseek_v3`
@@ -379,7 +408,8 @@ def _dense_base() -> ModelConfig:
     return _dense(_small())
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "v2-lite": _v2_lite, "v3-671b": _v3_671b,
+PRESETS = {"tiny": _tiny, "small": _small, "v3-15m": _v3_15m, "v3-60m": _v3_60m, "v3-250m": _v3_250m,
+           "v2-lite": _v2_lite, "v3-671b": _v3_671b,
            "dense-tiny": _dense_tiny, "dense-small": _dense_small, "dense-base": _dense_base}
 
 
@@ -388,3 +418,51 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]().replace(**overrides)
+
+
+SET_HELP = ("replace a field of the preset, FIELD=VALUE with a config.json field name and a JSON value "
+            "(--set num_hidden_layers=8 --set q_lora_rank=null); repeatable, checked as any config")
+
+
+def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``["num_hidden_layers=8", ...]`` → ``{"num_hidden_layers": 8}``: names are ModelConfig's
+    fields, values JSON (a bare word is a string). One line naming the item when it is wrong."""
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(ModelConfig)]
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"{flag} {item}: expected FIELD=VALUE, e.g. {flag} num_hidden_layers=8")
+        if name not in names:
+            near = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ValueError(f"{flag} {item}: no model config field {name!r}{hint}")
+        try:
+            out[name] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[name] = raw
+    return out
+
+
+def preset_with(name: str, items: list[str], flag: str = "--set", **fixed: Any) -> ModelConfig:
+    """Preset ``name`` with the command line's ``--set`` items (then ``fixed``: what the command
+    itself decides, e.g. the tokenizer's vocabulary), validated as every config is."""
+    changes = parse_overrides(items, flag)
+    base = preset(name)
+    if ("num_hidden_layers" in changes and "first_k_dense_replace" not in changes
+            and base.first_k_dense_replace >= base.num_hidden_layers):
+        changes["first_k_dense_replace"] = changes["num_hidden_layers"]  # a dense preset stays dense
+    heads = changes.get("num_attention_heads")
+    if heads is not None:  # MLA: every head has its own K and V, expanded from the latent
+        changes.setdefault("num_key_value_heads", heads)
+    try:
+        cfg = preset(name, **changes, **fixed)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{flag} {' '.join(items)}: {e}") from None
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise ValueError(f"{flag} {' '.join(items)}: num_key_value_heads={cfg.num_key_value_heads} must equal "
+                         f"num_attention_heads={cfg.num_attention_heads} (MLA expands K and V per head)")
+    return cfg

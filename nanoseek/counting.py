@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import PRESETS, ModelConfig, preset
+from .config import PRESETS, SET_HELP, ModelConfig, preset_with
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float8": 1, "int8": 1}
 
@@ -86,12 +86,17 @@ def human(n: float) -> str:
 class InfoConfig:
     preset: str | None = field(default=None, metadata={"help": f"a named preset: {', '.join(PRESETS)}"})
     ckpt: str | None = field(default=None, metadata={"help": "a checkpoint directory (reads its config.json), or any stage's run directory"})
+    set: list[str] = field(default_factory=list, metadata={"help": "with --preset: " + SET_HELP, "repeatable": True})
     seq_len: int = field(default=4096, metadata={"help": "sequence length for the attention FLOPs"})
     dtype: str = field(default="bfloat16", metadata={"help": "cache dtype", "choices": list(DTYPE_BYTES)})
 
     def __post_init__(self):
         """Bad values are one line naming the flag, before any file is read."""
         model_flags(self.preset, self.ckpt)
+        if self.set:
+            if self.preset is None:
+                raise ValueError(f"--set {' '.join(self.set)}: changes a --preset (a checkpoint's shape is its own)")
+            preset_with(self.preset, self.set)
         if self.seq_len < 1:
             raise ValueError(f"--seq-len {self.seq_len}: must be ≥ 1")
 
@@ -108,11 +113,12 @@ def model_flags(preset_name: str | None, ckpt: str | None) -> None:
         ckpt_flag(ckpt)
 
 
-def model_config(preset_name: str | None, ckpt: str | None) -> tuple[ModelConfig, str]:
-    """The configuration --preset or --ckpt names (a run directory: its model/), and how to say it."""
+def model_config(preset_name: str | None, ckpt: str | None, overrides: list[str] = ()) -> tuple[ModelConfig, str]:
+    """The configuration --preset (with its --set ``overrides``) or --ckpt names (a run directory:
+    its model/), and how to say it."""
     if preset_name:
-        mc = preset(preset_name)
-        return mc, f"preset {preset_name}"
+        mc = preset_with(preset_name, list(overrides))
+        return mc, f"preset {preset_name}" + "".join(f" --set {o}" for o in overrides)
     from .checkpoint import resolve_ckpt
 
     return ModelConfig.load(resolve_ckpt(ckpt) / "config.json"), ckpt
@@ -120,7 +126,7 @@ def model_config(preset_name: str | None, ckpt: str | None) -> tuple[ModelConfig
 
 def info(cfg: InfoConfig) -> Counts:
     """Print parameters, FLOPs per token and KV-cache bytes per token (MLA vs MHA)."""
-    mc, what = model_config(cfg.preset, cfg.ckpt)
+    mc, what = model_config(cfg.preset, cfg.ckpt, cfg.set)
     c = count(mc, cfg.seq_len, cfg.dtype)
     rows = [
         ("model", f"{what} ({mc.model_type})"),

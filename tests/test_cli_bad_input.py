@@ -55,6 +55,17 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["info", "--ckpt", "{empty}"], ["--ckpt {empty}", "empty directory"]),
     (["info", "--ckpt", "{unfinished}"], ["--ckpt {unfinished}", "no model/"]),
     (["info", "--ckpt", "{bad_config}"], ["{bad_config}/config.json", "not valid JSON"]),
+    # ------------------------------------------------------------------ --set, FIM
+    (["info", "--preset", "tiny", "--set", "layers=2"], ["--set layers=2", "no model config field 'layers'"]),
+    (["info", "--ckpt", "{ckpt}", "--set", "num_hidden_layers=2"], ["--set num_hidden_layers=2", "--preset"]),
+    (["pretrain", *TINY, "--set", "n_group=3"], ["--set n_group=3", "not divisible by n_group=3"]),
+    (["pretrain", *TINY, "--set", "num_hidden_layers"], ["--set num_hidden_layers", "expected FIELD=VALUE"]),
+    (DIST + ["--set", "depth=1"], ["--set depth=1", "no model config field 'depth'"]),
+    (PREP + ["--fim-rate", "2"], ["--fim-rate 2.0", "[0, 1]"]),
+    (PREP + ["--fim-level", "word"], ["argument --fim-level: invalid choice: 'word'"]),
+    (PREP + ["--fim-rate", "0.5", "--fim-max-chars", "-1"], ["--fim-max-chars -1", "≥ 0"]),
+    (GEN + ["--suffix", "x", "--chat"], ["--suffix", "--chat"]),
+    (["eval", "--ckpt", "{ckpt}", "--task", "fim"], ["--task fim", "needs --data"]),
     # ------------------------------------------------------------------ cost, report
     (["cost"], ["exactly one of --preset", "--ckpt"]),
     (["cost", "--preset", "tiny"], ["--pretrain-tokens", "no recipe"]),
@@ -75,8 +86,8 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["compress", "--ckpt", "{ckpt}", "--method", "experts", "--sparsity", "0.75", "--out", "{out}"],
      ["--sparsity 0.75", "fewer than 2 per expert group"]),
     # ------------------------------------------------------------------ tokenizer train
-    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "0"], ["--vocab-size 0", "≥ 267"]),
-    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "100"], ["--vocab-size 100", "≥ 267"]),
+    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "0"], ["--vocab-size 0", "≥ 276"]),
+    (TOK + ["--data", "builtin:arith?n=10", "--vocab-size", "100"], ["--vocab-size 100", "≥ 276"]),
     (TOK + ["--data", "builtin:arith?n=10", "--max-docs", "0"], ["--max-docs 0", "≥ 1"]),
     (TOK + ["--data", "{missing}"], ["--data", "{missing}", "no such file"]),
     (TOK + ["--data", "{binary}"], ["{binary}", "not valid UTF-8"]),

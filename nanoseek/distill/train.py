@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import ckpt_flag, load_pretrained
-from ..config import PRESETS, ModelConfig, preset
+from ..config import PRESETS, SET_HELP, ModelConfig, parse_overrides, preset_with
 from ..tokenizer import Tokenizer
 from ..train.loop import Trainer, TrainConfig, balance_loss, start_run
 from ..train.sft import (PackedBatches, attention_mask, load_conversations, pack, sft_step_loss, steps_for_epochs,
@@ -63,6 +63,7 @@ class DistillConfig(TrainConfig):
     student: str = field(metadata={"help": f"a preset ({', '.join(p for p in PRESETS if p.startswith('dense'))}, "
                                            "or any other), built with the teacher's tokenizer; or a checkpoint "
                                            "directory sharing the teacher's tokenizer"})
+    set: list[str] = field(default_factory=list, metadata={"help": "a preset student: " + SET_HELP, "repeatable": True})
     data: str = field(metadata={"help": "traces: a chat jsonl (`nanoseek distill traces` writes OUT/traces.jsonl; "
                                         "its directory works too) or builtin:sft-arith / builtin:sft-countdown[?...]"})
     out: str = field(metadata={"help": "run directory: model/ (the student, HF checkpoint + tokenizer), config.json, "
@@ -107,6 +108,11 @@ class DistillConfig(TrainConfig):
                 raise FileNotFoundError(f"--student {self.student}: neither a preset ({', '.join(PRESETS)}) "
                                         "nor a checkpoint directory")
             ckpt_flag(self.student, "--student")
+            if self.set:
+                raise ValueError(f"--set {' '.join(self.set)}: changes a preset student; --student {self.student} "
+                                 "is a checkpoint, whose shape is its own")
+        else:
+            preset_with(self.student, self.set)  # a bad field or value is one line here
         if self.beta is not None and not 0 <= self.beta <= 1:
             raise ValueError(f"--beta {self.beta}: must be in [0, 1] (0 = forward KL, 1 = reverse KL)")
         if self.loss in FIXED_BETA and self.beta not in (None, FIXED_BETA[self.loss]):
@@ -150,11 +156,14 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
     return a.vocab_size == b.vocab_size and all(a.id_to_token(i) == b.id_to_token(i) for i in range(a.vocab_size))
 
 
-def check_student(spec: str, tok: Tokenizer, teacher_vocab: int, seq_len: int):
-    """The student's config (a preset: with the teacher's vocabulary) and its directory (None
-    for a preset), or one line saying why this student cannot learn from this teacher."""
+def check_student(spec: str, tok: Tokenizer, teacher_vocab: int, seq_len: int, overrides: list[str] = ()):
+    """The student's config (a preset with the --set ``overrides`` and the teacher's vocabulary)
+    and its directory (None for a preset), or one line saying why this student cannot learn from
+    this teacher."""
     if spec in PRESETS:
-        cfg = preset(spec, vocab_size=teacher_vocab)
+        if "vocab_size" in parse_overrides(overrides):
+            raise ValueError("--set vocab_size: a preset student takes the teacher's vocabulary")
+        cfg = preset_with(spec, list(overrides), vocab_size=teacher_vocab)
         path = None
     else:
         path = ckpt_flag(spec, "--student")
@@ -281,7 +290,7 @@ def distill(cfg: DistillConfig, on_step=None) -> Path:
     teacher_path = ckpt_flag(cfg.teacher, "--teacher")
     tok = Tokenizer.load(teacher_path)
     teacher_cfg = ModelConfig.load(teacher_path / "config.json")
-    student_cfg, student_path = check_student(cfg.student, tok, teacher_cfg.vocab_size, cfg.seq_len)
+    student_cfg, student_path = check_student(cfg.student, tok, teacher_cfg.vocab_size, cfg.seq_len, cfg.set)
     if cfg.seq_len > teacher_cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {cfg.seq_len} exceeds the teacher's context (max_position_embeddings="
                          f"{teacher_cfg.max_position_embeddings} in {teacher_path / 'config.json'})")

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch.distributed as dist
 
-from ..config import preset
+from ..config import SET_HELP, preset_with
 from ..model import DeepSeekV3
 from ..data.sources import parse_builtin
 from .data import BUILTIN_DEFAULT_DOCS, BatchLoader, open_streams, val_batches, warn_partial_pass
@@ -36,6 +36,7 @@ class PretrainConfig(TrainConfig):
     """`nanoseek pretrain`: train a preset model on token shards or a builtin corpus."""
 
     preset: str = field(default="small", metadata={"help": "model preset (nanoseek.config.PRESETS)"})
+    set: list[str] = field(default_factory=list, metadata={"help": SET_HELP, "repeatable": True})
     data: str = field(default="builtin:arith", metadata={"help": "token shard dir (nanoseek data prepare) or builtin:NAME[?n=&seed=]"})
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir; default: trained into RUN/tokenizer (builtin data)"})
     SCHEDULE_FIELDS: ClassVar[tuple[str, ...]] = (*TrainConfig.SCHEDULE_FIELDS, "batch_size", "seq_len")
@@ -62,7 +63,7 @@ class PretrainConfig(TrainConfig):
 
         if self.preset not in PRESETS:
             raise ValueError(f"--preset {self.preset!r}: unknown preset; choose one of {', '.join(PRESETS)}")
-        ctx = preset(self.preset).max_position_embeddings
+        ctx = self.model_config().max_position_embeddings  # a bad --set is one line here
         if self.seq_len > ctx:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the {self.preset} preset's context "
                              f"(max_position_embeddings={ctx})")
@@ -81,6 +82,10 @@ class PretrainConfig(TrainConfig):
             if not (tok / "tokenizer.json").is_file() and not tok.is_file():
                 what = "no such directory" if not tok.exists() else f"no tokenizer.json in {tok}"
                 raise FileNotFoundError(f"--tokenizer {self.tokenizer}: {what}")
+
+    def model_config(self):
+        """The preset with the --set fields replaced (the vocabulary is the tokenizer's, later)."""
+        return preset_with(self.preset, self.set)
 
 
 def get_tokenizer(cfg: PretrainConfig, vocab_size: int, rt):
@@ -129,7 +134,7 @@ def pretrain(cfg: PretrainConfig, on_step=None) -> Path:
     from ..eval.loss import evaluate_loss, token_bytes
 
     rt = start_run(cfg)
-    base = preset(cfg.preset)
+    base = cfg.model_config()
     tok = get_tokenizer(cfg, base.vocab_size, rt)
     mcfg = base.replace(vocab_size=model_vocab(cfg, base.vocab_size, tok.vocab_size),
                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
