@@ -234,6 +234,7 @@ def test_prune_checkpoint(base, tmp_path, pattern):
     out = tmp_path / pattern.replace(":", "-")
     summary = _compress(base, out, "wanda", sparsity=0.5, pattern=pattern)
     assert abs(summary["sparsity"] - 0.5) < 0.01
+    assert summary["val_loss"] != summary["val_loss_before"] and summary["val_bpb"] > 0
     model = load_pretrained(out)
     w = model.layers[1].mlp.experts.gate_proj
     assert abs((w == 0).float().mean().item() - 0.5) < 0.01

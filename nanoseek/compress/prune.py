@@ -20,7 +20,8 @@ token reached falls back to the magnitude score. Wanda calibrates layer by layer
 inputs coming from the layers before it already pruned, as the paper does.
 
 The result is a plain `deepseek_v3` checkpoint whose zeros are stored as zeros: no smaller on
-disk and, on CPU, no faster — the sweep measures exactly that.
+disk and, on CPU, no faster — the sweep measures exactly that. The summary gives the validation
+loss on `--calib`'s held-out stream before and after.
 """
 
 from __future__ import annotations
@@ -160,15 +161,19 @@ def prune_model(model, method: str, sparsity: float, pattern: str, batches: list
 def _compress(cfg, method: str) -> dict:
     from ..checkpoint import ckpt_flag, load_pretrained, save_pretrained
     from ..tokenizer import Tokenizer
-    from .calib import calib_batches
+    from .calib import calib_batches, validation
     from .save import copy_side_files, weight_bytes
 
     src = ckpt_flag(cfg.ckpt)
     model = load_pretrained(src)
-    batches = calib_batches(cfg, Tokenizer.load(src)) if method == "wanda" else None
+    tok = Tokenizer.load(src)
+    before = validation(model, tok, cfg)["val_loss"]
+    batches = calib_batches(cfg, tok) if method == "wanda" else None
     info = prune_model(model, method, cfg.sparsity, cfg.pattern, batches)
+    after = validation(model, tok, cfg)
     save_pretrained(model, cfg.out, extra={"side": lambda d: copy_side_files(src, d)})
-    return {**info, "bytes": weight_bytes(cfg.out), "source_bytes": weight_bytes(src)}
+    return {**info, "val_loss_before": before, "val_loss": after["val_loss"], "val_bpb": after["val_bpb"],
+            "bytes": weight_bytes(cfg.out), "source_bytes": weight_bytes(src)}
 
 
 def compress_magnitude(cfg) -> dict:
