@@ -31,6 +31,7 @@ import bisect
 import weakref
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 
@@ -108,14 +109,15 @@ class GrammarState:
         self.V = grammar.vocab_size
         self.words = llguidance.torch.allocate_token_bitmask(1, self.V)
         self._fill = llguidance.torch.fill_next_token_bitmask
-        self._bits = torch.arange(32, dtype=torch.int32)
         self.done = False
 
     def allowed(self) -> torch.Tensor:
         self._fill(self.m, self.words)
         if self.m.is_error():
             raise RuntimeError(f"grammar matcher: {self.m.get_error()}")
-        return ((self.words[0, :, None] >> self._bits) & 1).view(-1)[:self.V].bool()
+        # bit j of 32-bit word i is token 32·i + j: the words' little-endian bytes, unpacked low bit first
+        bits = np.unpackbits(self.words.numpy().view(np.uint8), bitorder="little")[:self.V]
+        return torch.from_numpy(bits.view(np.bool_))
 
     def advance(self, token: int) -> None:
         if not self.m.consume_token(int(token)):
@@ -174,18 +176,20 @@ class TextPrefix:
 def apply_masks(logits: torch.Tensor, constraints: list[TokenConstraint | None]) -> torch.Tensor:
     """Rows of logits (n, V), one constraint (or None) per row → the logits with every token a
     row's constraint forbids at −inf (a new tensor when any row is constrained)."""
-    rows, masks = [], []
+    V = logits.shape[-1]
+    allow = None  # (n, V) on the CPU (numpy: a few dozen row copies cost microseconds), only if needed
     for i, c in enumerate(constraints):
         m = c.allowed() if c is not None else None
-        if m is not None:
-            if not bool(m.any()):
-                raise RuntimeError("the constraint allows no token at all")
-            rows.append(i)
-            masks.append(m)
-    if not rows:
+        if m is None:
+            continue
+        m = np.asarray(m)
+        if not m.any():
+            raise RuntimeError("the constraint allows no token at all")
+        if allow is None:
+            allow = np.ones(logits.shape, dtype=np.bool_)
+        w = min(V, m.shape[0])
+        allow[i, :w] = m[:w]
+        allow[i, w:] = False
+    if allow is None:
         return logits
-    V = logits.shape[-1]
-    allow = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
-    stacked = torch.stack([m[:V] if m.shape[0] >= V else torch.cat((m, m.new_zeros(V - m.shape[0]))) for m in masks])
-    allow[torch.tensor(rows, device=logits.device)] = stacked.to(logits.device)
-    return logits.masked_fill(~allow, float("-inf"))
+    return logits.masked_fill(~torch.from_numpy(allow).to(logits.device), float("-inf"))
