@@ -20,7 +20,8 @@ runs with an f32 latent cache and without flash attention, so f32 is f32 on both
 tokenizer is checked too: llama.cpp's tokenization (its pre-type `starcoder`) of a set of texts
 equals nanoseek's. Speed: generated tokens ÷ the process's CPU
 seconds (prefill included), best of --reps after a warm-up, the sides alternated, every side on
---threads threads.
+--threads threads; the f32 file runs twice, in that exact context and in llama.cpp's own
+defaults (f16 latent cache, flash attention), which is how it is usually run.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ import nanoseek  # noqa: E402
 from decode import prompts_for, timed  # noqa: E402
 from nanoseek.checkpoint import resolve_ckpt  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
-from nanoseek.export.gguf import write_gguf  # noqa: E402
+from nanoseek.export.gguf import model_name, write_gguf  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
+DEFAULTS = "f32, f16 cache + flash attention"  # llama.cpp's own context defaults
 TEXTS = ["Q: 123+456\nA:", "What is 9071 + 38?", "  leading spaces, trailing  \n\n", "it's 2026: x=3.14159",
          "naïve café ünïcode — ½ ² ٣", "tabs\tand\r\nnewlines", "<|user|> typed as text"]
 
@@ -95,7 +97,7 @@ def bindings(src: Path, lib: Path):
 class Llama:
     """One llama.cpp model + context: tokenize, and greedy decoding from token ids."""
 
-    def __init__(self, C, path: Path, n_ctx: int, threads: int):
+    def __init__(self, C, path: Path, n_ctx: int, threads: int, exact: bool = True):
         self.C = C
         mp = C.llama_model_default_params()
         self.model = C.llama_model_load_from_file(str(path).encode(), mp)
@@ -104,10 +106,10 @@ class Llama:
         cp = C.llama_context_default_params()
         cp.n_ctx, cp.n_batch, cp.n_ubatch = n_ctx, n_ctx, n_ctx
         cp.n_threads = cp.n_threads_batch = threads
-        # f32 end to end, as the engine runs: llama.cpp's defaults keep the latent cache in f16 and
-        # its CPU flash attention rounds through f16 (1e-3 relative differences in the logits)
-        cp.type_k = cp.type_v = C.GGML_TYPE_F32
-        cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if exact:  # f32 end to end, as the engine runs: llama.cpp's defaults keep the latent cache
+            # in f16 and its CPU flash attention rounds through f16 (1e-3 relative in the logits)
+            cp.type_k = cp.type_v = C.GGML_TYPE_F32
+            cp.flash_attn_type = C.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ctx = C.llama_init_from_model(self.model, cp)
         self.vocab = C.llama_model_get_vocab(self.model)
         self.n_vocab = C.llama_vocab_n_tokens(self.vocab)
@@ -169,7 +171,7 @@ def main() -> None:
         tok_dir = resolve_ckpt(args.ckpt)
         model = nanoseek.load_model(tok_dir).float().eval()
         tok = Tokenizer.load(tok_dir)
-        name = tok_dir.resolve().parent.name if tok_dir.name == "model" else tok_dir.name
+        name = model_name(tok_dir)
         what = (f"checkpoint {args.ckpt}: {args.prompts} held-out {args.task} {args.task_args} chat prompts, one at "
                 f"a time, greedy to end of sequence (at most {args.new_tokens})")
     else:
@@ -191,12 +193,16 @@ def main() -> None:
     for t in args.types:
         path = write_gguf(model, tok_dir, work / f"{name}-{t}.gguf", t)
         llamas[t] = Llama(C, path, n_ctx, args.threads)
+        if t == "f32":  # and as llama.cpp runs it by default
+            llamas[DEFAULTS] = Llama(C, path, n_ctx, args.threads, exact=False)
     version = src.parents[1].name.removeprefix("llama_cpp_python-")
     print(f"$ python benchmarks/llamacpp.py {' '.join(sys.argv[1:])}")
     print(f"{what}; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params; {args.threads} thread(s); "
           f"llama.cpp from llama-cpp-python {version}, torch {torch.__version__}")
 
     for t, llama in llamas.items():
+        if t == DEFAULTS:
+            continue
         same = [llama.tokenize(x) == tok.encode(x, allow_special=False) for x in TEXTS]
         print(f"tokenizer ({t} GGUF, pre-type starcoder): llama.cpp's ids equal nanoseek's on {sum(same)}/{len(same)} "
               "texts")
