@@ -4,6 +4,7 @@ both engines' batch-1 decode speed side by side in one run.
     python benchmarks/llamacpp.py --ckpt runs/demo/grpo --task arithmetic \\
         --task-args '{"digits": 3, "min_digits": 3}' [--types f32 q8_0] [--work /tmp/llamacpp]
     python benchmarks/llamacpp.py --preset v3-60m --tokenizer runs/demo/tokenizer --new-tokens 64
+    python benchmarks/llamacpp.py --preset v3-15m --tokenizer runs/demo/tokenizer --set q_lora_rank=null
 
 llama.cpp is built from the source that ships inside the `llama-cpp-python` source package
 (`pip download --no-binary :all: --no-deps llama-cpp-python`: its vendor/llama.cpp, built with
@@ -46,8 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import nanoseek  # noqa: E402
 from decode import prompts_for, timed  # noqa: E402
 from nanoseek.checkpoint import resolve_ckpt  # noqa: E402
+from nanoseek.config import preset_with  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
 from nanoseek.export.gguf import model_name, write_gguf  # noqa: E402
+from nanoseek.model import DeepSeekV3  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
 DEFAULTS = "f32, f16 cache + flash attention"  # llama.cpp's own context defaults
@@ -147,6 +150,8 @@ def main() -> None:
     ap.add_argument("--ckpt", help="a trained checkpoint (or run directory) with its tokenizer")
     ap.add_argument("--preset", help="instead of --ckpt: a randomly initialised model of this preset")
     ap.add_argument("--tokenizer", help="with --preset: the tokenizer directory the GGUF carries")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="with --preset: a model config override (as every command's --set), repeatable")
     ap.add_argument("--task", default="arithmetic", help="with --ckpt: whose held-out chat prompts both answer")
     ap.add_argument("--task-args", default="{}", help="with --ckpt: the task's knobs as JSON")
     ap.add_argument("--prompts", type=int, default=8)
@@ -176,9 +181,10 @@ def main() -> None:
                 f"a time, greedy to end of sequence (at most {args.new_tokens})")
     else:
         tok_dir, tok = Path(args.tokenizer), Tokenizer.load(args.tokenizer)
-        model = nanoseek.load_model(args.preset, seed=0).float().eval()
+        torch.manual_seed(0)
+        model = DeepSeekV3(preset_with(args.preset, args.set)).eval()
         name = args.preset
-        what = (f"model {args.preset} (random weights): {args.prompts} random 32-token prompts, one at a time, "
+        what = (f"model {args.preset}{''.join(' --set ' + x for x in args.set)} (random weights): {args.prompts} random 32-token prompts, one at a time, "
                 f"greedy, {args.new_tokens} tokens each")
     cfg = model.config
     ns = argparse.Namespace(ckpt=args.ckpt, task=args.task, task_args=args.task_args)
