@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 
-from .constraints import apply_masks
+from .constraints import ConstraintFactory, apply_masks
 
 
 @dataclass
@@ -37,7 +35,7 @@ class SamplingParams:
     ignore_eos: bool = False
     # allowed-token constraint: a factory called once per request for its own state
     # (nanoseek/engine/constraints.py; e.g. a Grammar for JSON output)
-    constraint: Callable | None = None
+    constraint: ConstraintFactory | None = None
     # back up the prompt's last token and make the first sampled token(s) spell its text
     token_healing: bool = False
 
