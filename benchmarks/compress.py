@@ -2,6 +2,7 @@
 
     python benchmarks/compress.py                       # a random model far larger than the CPU's caches
     python benchmarks/compress.py --ckpt runs/demo/grpo  # a trained checkpoint (the demo reasoner)
+    python benchmarks/compress.py --kernels             # the candidate CPU kernels on one matrix
 
 Batch-1 decode reads every weight a token activates once per token, so on a CPU it is bound by
 memory bandwidth once the weights are well past the last-level cache: int8 weights are a quarter
@@ -12,12 +13,16 @@ engines decode the same fixed prompts greedily (a fixed number of new tokens, ig
 alternated (a, b, c, a, b, c, ...; best process CPU time of --reps after a warm-up each) so a burst
 of load from other jobs hits all alike. Prints the CPU, its last-level cache, the bytes of
 weights one token reads, tokens/s of each at batch 1 and at --batch, and the ratios to fp32.
+`--kernels` times the candidate kernels for one 8192×2048 matrix instead — the fp32 matmul,
+torch's weight-only int8 (fp32 and bf16 activations), fbgemm's int8 with dynamic activations
+and torch's int4 (bf16 activations) — the figures behind the engine's choice of kernels.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +66,29 @@ def active_bytes(engine) -> int:
     return 4 * n
 
 
+def kernels(reps: int = 20) -> dict:
+    """ms per call of each candidate kernel for x (B, 2048) · W (8192, 2048)ᵀ, B = 1 and 32."""
+    from nanoseek.compress.kernels import PackedLinear
+    from nanoseek.compress.quant import quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(8192, 2048)
+    wt = w.t().contiguous()
+    q, s = quantize(w, 8, None)
+    p8, p4 = PackedLinear(w, 8), PackedLinear(w, 4, 128)
+    out = {}
+    for B in (1, 32):
+        x = torch.randn(B, 2048)
+        xb = x.bfloat16()
+        fns = {"fp32 mm": lambda: torch.mm(x, wt),
+               "int8 weight-only (fp32 x)": lambda: torch.ops.aten._weight_int8pack_mm(x, q, s[:, 0]),
+               "int8 weight-only (bf16 x)": lambda: torch.ops.aten._weight_int8pack_mm(xb, q, s[:, 0].bfloat16()),
+               "int8 fbgemm dynamic": lambda: p8.mm(x), "int4 weight-only (bf16 x)": lambda: p4.mm(x)}
+        best = timed({k: (lambda f=f: [f() for _ in range(reps)]) for k, f in fns.items()}, 3)
+        out[f"batch {B}"] = {k: f"{1e3 * t / reps:.2f} ms" for k, t in best.items()}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ckpt", default=None, help="a trained checkpoint (or run directory) instead of a random model")
@@ -71,8 +99,12 @@ def main() -> None:
     ap.add_argument("--methods", default="int8,int4", help="compressed variants to time beside fp32")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--kernels", action="store_true", help="time the candidate kernels on one matrix instead")
     args = ap.parse_args()
-    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", 1)))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", 1)))
+    if args.kernels:
+        print(json.dumps({"cpu": cpu_model(), "threads": torch.get_num_threads(), **kernels()}, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt:
             src = resolve_ckpt(args.ckpt)
