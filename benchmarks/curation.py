@@ -97,8 +97,9 @@ def near_copy(rng: random.Random, text: str) -> str:
     return "\n".join(lines)
 
 
-def build_raw(root: Path, n_files: int, seed: int, dup_share: float = 0.25) -> dict:
-    """Write the raw folder: training files, planted junk, exact and near copies; return counts."""
+def build_raw(root: Path, n_files: int, seed: int, scale: float = 1.0) -> dict:
+    """Write the raw folder: training files, planted junk (``JUNK_FILES`` × ``scale``) and exact
+    and near copies of a quarter × ``scale`` of the files; return the counts."""
     rng = random.Random(seed)
     lib = stdlib.root()
     files = []
@@ -113,11 +114,12 @@ def build_raw(root: Path, n_files: int, seed: int, dup_share: float = 0.25) -> d
     counts = {"stdlib": len(files)}
     (root / "junk").mkdir(parents=True)
     for kind, n in JUNK_FILES.items():
+        n = round(n * scale)
         for i in range(n):
             (root / "junk" / f"{kind}_{i:03d}.py").write_text(junk(rng, kind), encoding="utf-8")
         counts[kind] = n
     (root / "copies").mkdir()
-    picks = rng.sample(files, int(len(files) * dup_share))
+    picks = rng.sample(files, int(len(files) * 0.25 * scale))
     for i, (rel, text) in enumerate(picks):
         near = i % 2 == 1
         name = f"{'near' if near else 'exact'}_{i:04d}_{rel.name}"
@@ -176,6 +178,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--junk-scale", type=float, default=1.0, help="planted junk and copies, × the default amounts")
     args = ap.parse_args()
     work = Path(args.work)
     ns = [sys.executable, "-m", "nanoseek.cli"]
@@ -183,7 +186,7 @@ def main() -> None:
     if not (work / "heldout").exists():
         write_heldout(work / "heldout", args.heldout_chars)
     if not (work / "raw").exists():
-        counts = build_raw(work / "raw", args.files, seed=0)
+        counts = build_raw(work / "raw", args.files, seed=0, scale=args.junk_scale)
         (work / "raw_counts.json").write_text(json.dumps(counts, indent=1))
         sh([*ns, "tokenizer", "train", "--data", f"builtin:stdlib?split=train&n={min(args.files, 600)}",
             "--vocab-size", str(args.vocab_size), "--out", str(work / "tok")])
@@ -219,7 +222,10 @@ def main() -> None:
     report = {"budget_tokens": budget, "heldout": heldout, "raw_counts": counts, "curves": results,
               "prepare": {side: json.loads((work / f"data-{side}" / "report.json").read_text())
                           for side in ("raw", "curated")}}
-    print(f"\nheld-out bpb on {heldout} ({budget:,} training tokens per run)")
+    tok_raw, tok_cur = (report["prepare"][side]["tokens"] for side in ("raw", "curated"))
+    print(f"\nraw corpus {tok_raw:,} tokens, curated {tok_cur:,} ({1 - tok_cur / tok_raw:.0%} removed); "
+          f"planted: {counts}")
+    print(f"held-out bpb on {heldout} ({budget:,} training tokens per run)")
     print(f"{'seed':>4}  {'side':<8}" + "".join(f"  {t:>9,}" for t, _ in results[f'raw-{args.seeds[0]}']))
     effs = []
     for seed in args.seeds:
