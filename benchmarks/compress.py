@@ -36,6 +36,7 @@ from decode import timed  # noqa: E402
 
 from nanoseek.checkpoint import resolve_ckpt, save_pretrained  # noqa: E402
 from nanoseek.compress import CompressConfig, compress  # noqa: E402
+from nanoseek.compress.save import weight_bytes  # noqa: E402
 from nanoseek.compress.sweep import cpu_model  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.engine import Engine, SamplingParams  # noqa: E402
@@ -128,7 +129,7 @@ def main() -> None:
         params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
         res = {"cpu": cpu_model(), "last_level_cache": last_level_cache(), "threads": torch.get_num_threads(),
                "fp32_bytes_per_token": active_bytes(engines["fp32"]),
-               "fp32_checkpoint_bytes": sum(f.stat().st_size for f in Path(src).glob("*.safetensors"))}
+               **{f"{name}_checkpoint_bytes": weight_bytes(d) for name, d in dirs.items()}}
         for B in (1, args.batch):
             best = timed({name: (lambda e=e: e.generate(prompts[:B], params)) for name, e in engines.items()},
                          args.reps)

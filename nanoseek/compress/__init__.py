@@ -68,8 +68,8 @@ class CompressConfig:
             raise ValueError("--method: required (one of " + ", ".join(METHODS) + "), or give --sweep")
         elif self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
-        if not self.sweep and self.out is None:
-            raise ValueError("--out: required (the compressed checkpoint's directory)")
+        if self.out is None:
+            raise ValueError("--out: required (the compressed checkpoint's directory; with --sweep, the sweep's)")
         if self.budget is not None and not self.sweep:
             raise ValueError("--budget: only with --sweep")
         if self.budget is not None and not self.budget >= 0:

@@ -75,7 +75,11 @@ def pack(w: torch.Tensor, spec: dict):
 
 def pack_folded(paged, spec: dict) -> None:
     """Replace every folded matrix of a PagedMLA (attention, FFNs, experts, MTP's eh_proj) by its
-    packed form; the router and the head stay as they are."""
+    packed form; the router and the head stay as they are. These are CPU kernels: on another
+    device (and for a model cast away from fp32) the dequantized matrices run as they are."""
+    if paged.model.embed_tokens.weight.device.type != "cpu":
+        return
+
     def layer(L: dict) -> None:
         for k in ("w_in", "wq", "wo", "gate_up", "down"):
             if L.get(k) is not None:

@@ -167,7 +167,7 @@ def sweep(cfg) -> dict:
     from .save import weight_bytes
 
     src = ckpt_flag(cfg.ckpt)
-    out = Path(cfg.out or "sweep")
+    out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not (out / "sweep.json").is_file():
         raise FileExistsError(f"--out {out}: exists and is not a sweep directory")
     tok = Tokenizer.load(src)
