@@ -1,6 +1,6 @@
 """Reading quantized checkpoint directories: config.json's `quantization_config` → a codec.
 
-checkpoint.load_pretrained asks `codec_for` for the directory's codec and sees, through it, the
+checkpoint.load_pretrained builds the directory's `Codec` and sees, through it, the
 float tensors the model is built from: `headers` rewrites the safetensors headers into those
 tensors (an fp8 or packed weight and its scales become one float32 matrix), `read` decodes one.
 `kernel` is what the engine packs its matrices into (int8/int4 directories) or None.
@@ -26,6 +26,9 @@ def quantization_config(path: Path) -> dict | None:
 
 
 class Codec:
+    """fp8 (DeepSeek's block layout) or compressed-tensors pack-quantized; anything else is refused
+    in one line naming config.json."""
+
     def __init__(self, qc: dict, where: Path):
         method = qc.get("quant_method")
         if method == "fp8":
