@@ -5,6 +5,8 @@ backed-up bytes."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
@@ -12,7 +14,7 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from conftest import sharp_tiny
 from nanoseek.engine import Engine, SamplingParams
-from nanoseek.engine.constraints import TextPrefix, VocabIndex
+from nanoseek.engine.constraints import Grammar, TextPrefix, VocabIndex
 from nanoseek.engine.detok import bytes_to_unicode
 from nanoseek.tokenizer import EXTRA_TOKENS, SPECIAL_TOKENS, Tokenizer
 
@@ -122,3 +124,23 @@ def test_generate_command_heals(tmp_path, tok, capsys):
     want, = Engine(str(d), device="cpu").generate([HEALED], cfg.params())
     assert answer == want.text and capsys.readouterr().out.startswith(HEALED + want.text)
     assert want.prompt_token_ids == tok.encode(PLAIN)
+
+
+def test_grammar_state_survives_preemption():
+    """A cache too small for the batch preempts constrained requests and recomputes them: each keeps
+    its grammar state, so the tokens are those of a roomy engine and every reply is valid JSON."""
+    tok = Tokenizer.train(['{"name": "a b", "id": 12, "tags": ["x", "y"], "ok": true}'] * 200, vocab_size=400)
+    model = sharp_tiny(vocab_size=tok.vocab_size)
+    schema = {"type": "object", "properties": {"a": {"type": "array", "minItems": 15, "maxItems": 30,
+                                                     "items": {"type": "integer", "maximum": 99}}},
+              "required": ["a"], "additionalProperties": False}
+    roomy = Engine(model, tok, max_num_seqs=16)
+    tight = Engine(model, tok, max_num_seqs=16, cache_tokens=200, block_size=8)
+    g = Grammar.json_schema(tok, roomy.config.vocab_size, schema)
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=200, constraint=g) for i in range(16)]
+    want = roomy.generate([tok.encode("{")] * 16, params)
+    got = tight.generate([tok.encode("{")] * 16, params)
+    assert tight.scheduler.num_preempted > 0
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    for o in got:
+        assert o.finish_reason == "stop" and len(json.loads(o.text)["a"]) >= 15
