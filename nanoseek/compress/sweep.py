@@ -192,7 +192,7 @@ def sweep(cfg) -> dict:
     (out / "sweep.json").write_text(json.dumps(res, indent=2) + "\n")
     md = table(rows)
     (out / "sweep.md").write_text(md)
-    plot(rows, out / "pareto.png", f"{src} on {machine}")
+    plot(rows, out / "pareto.png", f"{Path(cfg.ckpt).name}: accuracy against speed on {machine}")
     print(md)
     if "budget" in res:
         print(f"--budget {cfg.budget}: {res['budget']['pick']}")
