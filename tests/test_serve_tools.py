@@ -72,8 +72,10 @@ def test_required_yields_calls_that_validate(srv):
     assert names <= {"get_weather", "lookup"}
 
 
-def test_named_function_streamed_as_tool_call_deltas(srv):
-    stream = _create(srv, tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=5, stream=True)
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}],
+                         ids=["required", "named"])
+def test_calls_streamed_as_tool_call_deltas(srv, choice):
+    stream = _create(srv, tool_choice=choice, seed=5, stream=True)
     calls: dict[int, dict] = {}
     finish, content = None, ""
     for chunk in stream:
@@ -87,11 +89,12 @@ def test_named_function_streamed_as_tool_call_deltas(srv):
             finish = ch.finish_reason or finish
     assert finish == "tool_calls" and content == ""
     call, = calls.values()
-    assert call["name"] == "get_weather" and call["id"].startswith("call_")
-    jsonschema.validate(json.loads(call["arguments"]), WEATHER)
+    assert call["id"].startswith("call_")
+    assert call["name"] == "get_weather" or (choice == "required" and call["name"] == "lookup")
+    jsonschema.validate(json.loads(call["arguments"]), _schema(call["name"]))
     # the same request unstreamed writes the same call (same seed)
-    full = _create(srv, tool_choice={"type": "function", "function": {"name": "get_weather"}}, seed=5)
-    assert full.choices[0].message.tool_calls[0].function.arguments == call["arguments"]
+    full = _create(srv, tool_choice=choice, seed=5).choices[0].message.tool_calls[0].function
+    assert (full.name, full.arguments) == (call["name"], call["arguments"])
 
 
 def test_tool_result_round_trip_renders_in_the_template(srv):
