@@ -244,7 +244,7 @@ class CompletionRequest(_SamplingFields):
     # 0 only with echo: score the prompt without generating (evaluation harnesses' log-likelihood requests)
     max_tokens: int | None = Field(None, ge=0)
     best_of: int | None = None  # refused unless 1 (see UNSUPPORTED)
-    suffix: str | None = None  # FIM (beta); nanoseek's tokenizer has no FIM tokens, so rejected
+    suffix: str | None = None  # FIM (DeepSeek's beta): the prompt is the prefix; needs a tokenizer with FIM tokens
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
