@@ -14,15 +14,16 @@ module only). The checkpoint is converted with `nanoseek export --format gguf`'s
 
 With `--ckpt`, both sides answer the same held-out chat prompts of `--task`, one at a time,
 greedily, to the end-of-sequence token (at most --new-tokens): the tokens must be equal in f32
-(q8_0's are counted, not required). With `--preset`, a randomly initialised model of that size
-(its weights past the last-level cache: batch-1 decode is memory-bound) writes a fixed
---new-tokens after random prompts; the tokens are counted, as random weights leave near-ties. Before that, the next-token logits after each prompt are compared (llama.cpp
-runs with an f32 latent cache and without flash attention, so f32 is f32 on both sides). The
-tokenizer is checked too: llama.cpp's tokenization (its pre-type `starcoder`) of a set of texts
-equals nanoseek's. Speed: generated tokens ÷ the process's CPU
-seconds (prefill included), best of --reps after a warm-up, the sides alternated, every side on
---threads threads; the f32 file runs twice, in that exact context and in llama.cpp's own
-defaults (f16 latent cache, flash attention), which is how it is usually run.
+(q8_0's are counted, not required). With `--preset` (and `--set` overrides), a randomly
+initialised model writes a fixed --new-tokens after random prompts; at a size past the
+last-level cache batch-1 decode is memory-bound; the tokens are counted, as random weights leave
+near-ties. Before that, the next-token logits after each prompt are compared: llama.cpp runs with
+an f32 latent cache and without flash attention, so f32 is f32 on both sides. The tokenizer is
+checked too: llama.cpp's tokenization (its pre-type `starcoder`) of a set of texts equals
+nanoseek's. Speed: generated tokens ÷ the process's CPU seconds (prefill included), best of
+--reps after a warm-up, the sides alternated, every side on --threads threads; the f32 file runs
+twice, in that exact context and in llama.cpp's own defaults (f16 latent cache, flash
+attention), which is how it is usually run.
 """
 
 from __future__ import annotations
@@ -184,8 +185,9 @@ def main() -> None:
         torch.manual_seed(0)
         model = DeepSeekV3(preset_with(args.preset, args.set)).eval()
         name = args.preset
-        what = (f"model {args.preset}{''.join(' --set ' + x for x in args.set)} (random weights): {args.prompts} random 32-token prompts, one at a time, "
-                f"greedy, {args.new_tokens} tokens each")
+        sets = "".join(f" --set {x}" for x in args.set)
+        what = (f"model {args.preset}{sets} (random weights): {args.prompts} random 32-token prompts, one at a "
+                f"time, greedy, {args.new_tokens} tokens each")
     cfg = model.config
     ns = argparse.Namespace(ckpt=args.ckpt, task=args.task, task_args=args.task_args)
     prompts = prompts_for(ns, cfg, tok, args.prompts, 32)
@@ -245,7 +247,8 @@ def main() -> None:
             assert made[t] == ref, "llama.cpp f32 wrote other tokens than the engine"
     base = best["nanoseek f32"]
     print("batch 1: " + " | ".join(f"{name} {n / s:.1f} tok/s" for name, s in best.items()))
-    print("    " + ", ".join(f"{name} x{base / s:.2f} of nanoseek f32" for name, s in best.items() if name != "nanoseek f32"))
+    print("    " + ", ".join(f"{name} x{base / s:.2f} of nanoseek f32" for name, s in best.items()
+                          if name != "nanoseek f32"))
 
 
 if __name__ == "__main__":

@@ -245,7 +245,8 @@ def split_kv_b(kv_b: torch.Tensor, c: ModelConfig) -> tuple[torch.Tensor, torch.
     return k_b.transpose(1, 2).contiguous(), v_b.contiguous()
 
 
-def encode(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+def encode(name: str, data: np.ndarray,
+           qtype: gguf.GGMLQuantizationType) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """A tensor as stored: vectors, norms and the router (ffn_gate_inp) in f32, as llama.cpp keeps
     them; other weights in `qtype`, or f32 where a row is not a whole number of q8_0 blocks."""
     f32 = gguf.GGMLQuantizationType.F32
