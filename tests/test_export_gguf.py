@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,6 @@ from nanoseek.config import preset
 from nanoseek.export.gguf import check_representable
 from nanoseek.model import DeepSeekV3
 
-gguf = pytest.importorskip("gguf")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
