@@ -28,6 +28,7 @@ instead its steps decode one token each (other requests in the batch keep specul
 from __future__ import annotations
 
 import bisect
+import json
 import weakref
 from typing import Callable, Protocol
 
@@ -64,6 +65,13 @@ def _llg_tokenizer(tokenizer, vocab_size: int):
     return per[vocab_size]
 
 
+def json_rule(schema: dict) -> str:
+    """A Lark rule body for JSON valid under ``schema``, written compactly (``{"a": 1, "b": [2]}``
+    spacing, via llguidance's ``x-guidance`` option): no free whitespace a sampler could wander into."""
+    compact = {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
+    return "%json " + json.dumps(compact, ensure_ascii=False)
+
+
 class Grammar:
     """A compiled grammar for one tokenizer; calling it starts a fresh matcher (one per request)."""
 
@@ -79,12 +87,8 @@ class Grammar:
 
     @classmethod
     def json_schema(cls, tokenizer, vocab_size: int, schema: dict) -> "Grammar":
-        """JSON matching ``schema`` (``{"type": "object"}``: any JSON object), written compactly
-        (``{"a": 1, "b": [2]}`` spacing; no free whitespace a sampler could wander into)."""
-        import llguidance
-
-        return cls(tokenizer, vocab_size, llguidance.LLMatcher.grammar_from_json_schema(
-            schema, defaults={"whitespace_flexible": False}))
+        """JSON matching ``schema`` (``{"type": "object"}``: any JSON object), compact (``json_rule``)."""
+        return cls.lark(tokenizer, vocab_size, "start: " + json_rule(schema))
 
     @classmethod
     def lark(cls, tokenizer, vocab_size: int, text: str) -> "Grammar":

@@ -2,29 +2,19 @@
 engine's allowed-token mask (nanoseek/engine/constraints.py).
 
 Every grammar is one Lark text for llguidance: JSON schemas are embedded with ``%json``, written
-compactly (no free whitespace: a sampler at temperature 1 would otherwise wander through blank
-space), and special tokens are named by id. When the generation starts inside ``<think>`` (a
+compactly (``constraints.json_rule``: no free whitespace, which a sampler at temperature 1 would
+otherwise wander through), and special tokens are named by id. When the generation starts inside ``<think>`` (a
 reasoner), the grammar lets the reasoning run free up to ``</think>\\n`` and constrains what follows.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from ..engine.constraints import Grammar
+from ..engine.constraints import Grammar, json_rule
 from ..tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_SEP
 
 ANY_OBJECT = {"type": "object"}
-
-
-def compact(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema with llguidance's compact-JSON option (``x-guidance``) added."""
-    return {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
-
-
-def json_rule(schema: dict[str, Any]) -> str:
-    return "%json " + json.dumps(compact(schema), ensure_ascii=False)
 
 
 def grammar(engine, body: str, in_think: bool) -> Grammar:
