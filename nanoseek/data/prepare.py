@@ -106,7 +106,8 @@ class PrepareConfig:
     shuffle: bool = field(default=True, metadata={"help": "put the training documents in a seeded random order"})
     val_fraction: float = field(default=0.01, metadata={"help": "share of the documents (seeded, random) held out "
                                                         "as validation, at the end of the stream"})
-    seed: int = field(default=0, metadata={"help": "seeds the document order and the validation choice"})
+    seed: int = field(default=0, metadata={"help": "seeds the document order, the validation choice and "
+                                                    "the FIM cuts"})
     write_clean: bool = field(default=True, metadata={"help": "also write the kept documents to clean.jsonl "
                                                       "(in input order)"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing, non-empty --out directory"})
@@ -152,7 +153,7 @@ class PrepareConfig:
                                 if hasattr(self, f.name)})
 
     def fim(self) -> FIMOptions:
-        return FIMOptions(self.fim_rate, self.fim_spm_rate, self.fim_level, self.fim_max_chars)
+        return FIMOptions(self.fim_rate, self.fim_spm_rate, self.fim_level, self.fim_max_chars, self.seed)
 
 
 # --------------------------------------------------------------- workers
