@@ -29,6 +29,8 @@ CONFIGS = {
     "yarn_mscale_shared2": preset("tiny", rope_scaling={**YARN, "factor": 8.0, "mscale": 0.9,
                                                         "mscale_all_dim": 0.707},
                                   n_shared_experts=2, first_k_dense_replace=0, num_hidden_layers=2),
+    # one routed expert per token: its normalised gate is 1 (the sigmoid score alone is not)
+    "one_expert_per_token": preset("tiny", num_experts_per_tok=1, n_group=1, topk_group=1),
 }
 
 

@@ -42,8 +42,8 @@ class Router(nn.Module):
         s = self.scores(logits)
         idx = self.select(s)
         w = s.gather(1, idx)  # g'_i from the *unbiased* scores
-        if c.norm_topk_prob and c.num_experts_per_tok > 1:
-            # g_i = g'_i / Σ_j g'_j (eq. 13); the floor only guards 0/0 (a clamp: + ε would cost the
+        if c.norm_topk_prob:
+            # g_i = g'_i / Σ_j g'_j (eq. 13), for k = 1 too (then g = 1); the floor only guards 0/0 (a clamp: + ε would cost the
             # engine's one-token step a scalar tensor, and equals the clamp for any sum above ~1e-13)
             w = w / w.sum(dim=-1, keepdim=True).clamp_min_(1e-20)
         return (w * c.routed_scaling_factor if c.routed_scaling_factor != 1.0 else w), idx, s
