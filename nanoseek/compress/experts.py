@@ -10,7 +10,7 @@ differently, and what an expert contributes is visible only through the router. 
   output, i.e. how much j actually adds to the residual stream when it is chosen.
 
 The router then picks among the experts that remain (top-k of the same affinities, renormalised
-as before), so no weight is changed — only rows are removed. With expert groups (n_group > 1,
+by eq. 13), so no weight is changed — only rows are removed. With expert groups (n_group > 1,
 V3's node-limited routing) each group loses the same number of experts, the least useful of that
 group: groups stay contiguous blocks of equal size, so the group-limited choice keeps its
 meaning, and `n_routed_experts` stays divisible by `n_group`.
