@@ -87,9 +87,9 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_in_child(path: Path, tokens: int = DECODE_TOKENS) -> dict:
+def measure_in_child(path: Path) -> dict:
     code = ("import json, sys; from nanoseek.compress.sweep import measure; "
-            f"print(json.dumps(measure({str(path)!r}, {tokens})))")
+            f"print(json.dumps(measure({str(path)!r}, {DECODE_TOKENS}, {tuple(BATCHES)})))")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if r.returncode:
@@ -122,15 +122,17 @@ def pick(rows: list[dict], budget: float) -> dict:
     return max(ok, key=lambda r: r["tok_s_b1"])
 
 
-COLUMNS = [("variant", "variant", "{}"), ("MiB on disk", "mib", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
-           ("tok/s b1", "tok_s_b1", "{:.1f}"), ("tok/s b32", "tok_s_b32", "{:.1f}"),
-           ("accuracy %", "accuracy", "{:.1f}"), ("val loss", "val_loss", "{:.4f}"),
-           ("val bpb", "val_bpb", "{:.4f}")]
+def columns() -> list[tuple[str, str, str]]:
+    """(header, row key, format) of the table's columns."""
+    return [("variant", "variant", "{}"), ("MiB on disk", "mib", "{:.2f}"), ("peak MiB", "peak_mib", "{:.0f}"),
+            *((f"tok/s b{B}", f"tok_s_b{B}", "{:.1f}") for B in BATCHES),
+            ("accuracy %", "accuracy", "{:.1f}"), ("val loss", "val_loss", "{:.4f}"), ("val bpb", "val_bpb", "{:.4f}")]
 
 
 def table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(f.format(r[k]) for _, k, f in COLUMNS) + " |\n" for r in rows)
+    cols = columns()
+    head = "| " + " | ".join(c[0] for c in cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "".join("| " + " | ".join(f.format(r[k]) for _, k, f in cols) + " |\n" for r in rows)
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:
