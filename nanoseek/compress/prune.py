@@ -97,8 +97,13 @@ def input_norms(model, i: int, batches: list[torch.Tensor]) -> dict[str, torch.T
             add(f"{prefix}.up_proj.weight", a[0])
 
         hooks.append(ffn.gate_proj.register_forward_pre_hook(gate_up))
+    def before(name):  # a pre-hook that returns None leaves the module's input as it is
+        def hook(_m, a):
+            add(name + ".weight", a[0])
+        return hook
+
     for name, mod in linears.items():
-        hooks.append(mod.register_forward_pre_hook(lambda _m, a, name=name: add(name + ".weight", a[0]) and None))
+        hooks.append(mod.register_forward_pre_hook(before(name)))
     if hasattr(mlp, "experts"):
         ex = mlp.experts
         E = ex.gate_proj.shape[0]
