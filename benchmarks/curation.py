@@ -18,7 +18,10 @@ Each side trains `--steps` steps of `--batch` × `--seq-len` tokens (the same bu
 `--seeds` seed, saving checkpoints at quarter points; every checkpoint is scored with
 `nanoseek eval --bpb` on the held-out files. The table gives held-out bpb at each point, and the
 budget the curated side needed to reach the raw side's final bpb (linear between checkpoints):
-"efficiency" = raw budget ÷ that budget − 1. Every command it runs is printed first.
+"efficiency" = raw budget ÷ that budget − 1. A checkpoint mid-way through a cosine schedule
+has not had its learning rate decayed, so `--curated-steps 71 50` also trains the curated side
+as complete shorter runs (71 steps: the raw budget ÷ 1.4) and scores them the same way. Every
+command it runs is printed first.
 """
 
 from __future__ import annotations
@@ -178,6 +181,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--vocab-size", type=int, default=2048)
+    ap.add_argument("--curated-steps", type=int, nargs="*", default=[],
+                    help="also train the curated side as complete runs of these many steps")
     ap.add_argument("--junk-scale", type=float, default=1.0, help="planted junk and copies, × the default amounts")
     args = ap.parse_args()
     work = Path(args.work)
@@ -201,17 +206,22 @@ def main() -> None:
     counts = json.loads((work / "raw_counts.json").read_text())
     budget = args.steps * args.batch * args.seq_len
     quarter = args.steps // 4
-    results = {}
+    results, short = {}, {}
+
+    def train(side: str, run: Path, steps: int, seed: int, save_steps: int) -> None:
+        if (run / "model").is_dir():
+            return
+        shutil.rmtree(run, ignore_errors=True)
+        sh([*ns, "pretrain", "--preset", "small", "--data", str(work / f"data-{side}"), "--tokenizer",
+            str(work / "tok"), "--out", str(run), "--max-steps", str(steps), "--batch-size", str(args.batch),
+            "--seq-len", str(args.seq_len), "--seed", str(seed), "--save-steps", str(save_steps), "--keep-last",
+            "4", "--eval-steps", "0", "--val-tokens", "4096", "--warmup-steps", str(min(30, quarter)),
+            "--progress", "false"])
+
     for seed in args.seeds:
         for side in ("raw", "curated"):
             run = work / f"run-{side}-{seed}"
-            if not (run / "model").is_dir():
-                shutil.rmtree(run, ignore_errors=True)
-                sh([*ns, "pretrain", "--preset", "small", "--data", str(work / f"data-{side}"), "--tokenizer",
-                    str(work / "tok"), "--out", str(run), "--max-steps", str(args.steps), "--batch-size",
-                    str(args.batch), "--seq-len", str(args.seq_len), "--seed", str(seed), "--save-steps",
-                    str(quarter), "--keep-last", "4", "--eval-steps", "0", "--val-tokens", "4096",
-                    "--warmup-steps", str(min(30, quarter)), "--progress", "false"])
+            train(side, run, args.steps, seed, quarter)
             points = []
             for step in range(quarter, args.steps + 1, quarter):
                 ckpt = run / "model" if step == args.steps else run / "checkpoints" / f"step_{step:06d}"
@@ -219,6 +229,12 @@ def main() -> None:
                 b = json.loads(res.read_text())["bpb"] if res.is_file() else bpb(ns, ckpt, heldout, args.seq_len, res)
                 points.append((step * args.batch * args.seq_len, b))
             results[f"{side}-{seed}"] = points
+        for steps in args.curated_steps:
+            run = work / f"run-curated{steps}-{seed}"
+            train("curated", run, steps, seed, 0)
+            res = run / f"bpb_{steps}.json"
+            b = json.loads(res.read_text())["bpb"] if res.is_file() else bpb(ns, run, heldout, args.seq_len, res)
+            short[f"{steps}-{seed}"] = b
     report = {"budget_tokens": budget, "heldout": heldout, "raw_counts": counts, "curves": results,
               "prepare": {side: json.loads((work / f"data-{side}" / "report.json").read_text())
                           for side in ("raw", "curated")}}
@@ -238,6 +254,13 @@ def main() -> None:
         print(f"      curated reaches raw's final bpb at "
               + ("(never)" if t is None else f"{at}{t:,.0f} tokens: efficiency {more}{eff:+.0%}"))
     report["efficiency"] = effs
+    for key, b in short.items():
+        steps, seed = key.split("-")
+        raw = results[f"raw-{seed}"][-1][1]
+        print(f"seed {seed}: curated as a complete run of {int(steps) * args.batch * args.seq_len:,} tokens: "
+              f"{b:.4f} bpb ({'≤' if b <= raw else '>'} raw's {raw:.4f} on {budget:,}: efficiency "
+              f"{'≥' if b <= raw else '<'} {args.steps / int(steps) - 1:+.0%})")
+    report["curated_complete_runs"] = short
     (work / "curation.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
