@@ -157,8 +157,8 @@ _NAME = re.compile(r"[A-Za-z_]{2,}")
 
 
 def data_line_fraction(text: str, min_lines: int = 20) -> float:
-    """Share of non-blank, non-comment lines made of literals alone: with numbers and escapes
-    taken out, no name of two or more letters is left, and a digit or a quote was there."""
+    """Share of the non-blank lines made of literals alone: not a comment, and with numbers and
+    escapes taken out no name of two or more letters is left, where a digit or a quote was."""
     lines = [ln.strip() for ln in text.split("\n") if ln.strip()]
     if len(lines) < min_lines:
         return 0.0
@@ -182,12 +182,15 @@ def build_rules(cfg: QualityConfig) -> list[Rule]:
         rules.append(("too_short", lambda t: len(t) >= cfg.min_chars))
     if cfg.max_chars is not None:
         rules.append(("too_long", lambda t: len(t) <= cfg.max_chars))
-    if cfg.profile == "code":
-        return rules + _code_rules(cfg)
-    if cfg.max_symbol_ratio is not None:
+    if cfg.max_symbol_ratio is not None and cfg.profile == "prose":
         rules.append(("symbol_ratio", lambda t: symbol_ratio(t) <= cfg.max_symbol_ratio))
     if cfg.min_alpha_ratio is not None:
         rules.append(("alpha_ratio", lambda t: alpha_ratio(t) >= cfg.min_alpha_ratio))
+    return rules + (_code_rules(cfg) if cfg.profile == "code" else _prose_rules(cfg))
+
+
+def _prose_rules(cfg: QualityConfig) -> list[Rule]:
+    rules: list[Rule] = []
     if cfg.max_dup_line_fraction is not None:
         rules.append(("repeated_lines", lambda t: dup_line_fraction(t) <= cfg.max_dup_line_fraction))
     if cfg.max_dup_ngram_fraction is not None:
@@ -198,14 +201,18 @@ def build_rules(cfg: QualityConfig) -> list[Rule]:
 
 def _code_rules(cfg: QualityConfig) -> list[Rule]:
     rules: list[Rule] = []
-    if cfg.min_alpha_ratio is not None:
-        rules.append(("alpha_ratio", lambda t: alpha_ratio(t) >= cfg.min_alpha_ratio))
     if cfg.auto_generated:  # before long_lines: generated files often have long lines too
         rules.append(("auto_generated", lambda t: not looks_generated(t)))
     if cfg.max_line_length is not None or cfg.max_mean_line_length is not None:
-        longest = cfg.max_line_length if cfg.max_line_length is not None else float("inf")
-        mean = cfg.max_mean_line_length if cfg.max_mean_line_length is not None else float("inf")
-        rules.append(("long_lines", lambda t: (lambda m: m[0] <= longest and m[1] <= mean)(line_lengths(t))))
+        inf = float("inf")
+        longest_max = inf if cfg.max_line_length is None else cfg.max_line_length
+        mean_max = inf if cfg.max_mean_line_length is None else cfg.max_mean_line_length
+
+        def short_lines(t: str) -> bool:
+            longest, mean = line_lengths(t)
+            return longest <= longest_max and mean <= mean_max
+
+        rules.append(("long_lines", short_lines))
     if cfg.max_license_fraction is not None:
         rules.append(("license_boilerplate", lambda t: license_fraction(t) <= cfg.max_license_fraction))
     if cfg.max_data_line_fraction is not None:
