@@ -296,3 +296,24 @@ def test_sweep_writes_table_plot_and_budget_pick(base, tmp_path, monkeypatch, ca
     assert len((out / "sweep.md").read_text().splitlines()) == 4
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "variants" / "int8" / "config.json").is_file()
+
+
+def test_unreadable_quantized_directories_are_one_line(base, tmp_path):
+    import shutil
+
+    from safetensors import safe_open
+
+    d = tmp_path / "gptq"
+    shutil.copytree(base, d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(ValueError, match=r"config.json: quantization_config.quant_method 'gptq'"):
+        load_pretrained(d)
+    out = tmp_path / "fp8"
+    _compress(base, out, "fp8")
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys() if k != "model.layers.0.self_attn.o_proj.weight_scale_inv"}
+    save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.o_proj.weight' is quantized but no weight "
+                                         r"file holds its 'model.layers.0.self_attn.o_proj.weight_scale_inv'"):
+        load_pretrained(out)

@@ -45,7 +45,7 @@ class Codec:
         else:
             raise ValueError(f"{where / 'config.json'}: quantization_config.quant_method {method!r}: nanoseek "
                              f"reads fp8 and {quant.QUANT_METHOD}")
-        self.qc = qc
+        self.qc, self.where = qc, where
 
     def headers(self, raw: dict, get) -> dict:
         """Raw headers {key: (file, shape, dtype)} → the float tensors they stand for."""
@@ -55,11 +55,19 @@ class Codec:
                 continue
             if key.endswith(".weight_packed"):
                 key = key.removesuffix("_packed")
-                shape, dt = tuple(int(s) for s in get(key + "_shape").tolist()), "F32"
+                shape, dt = tuple(int(s) for s in self._get(get, key, key + "_shape").tolist()), "F32"
             elif dt.startswith("F8"):
                 dt = "F32"
             out[key] = (f, shape, dt)
         return out
 
     def read(self, key: str, get):
-        return self.decode(key, get, self.qc)
+        return self.decode(key, lambda k: self._get(get, key, k), self.qc)
+
+    def _get(self, get, key: str, part: str):
+        try:
+            return get(part)
+        except KeyError:
+            if part == key or part.endswith("_packed"):
+                raise  # quant.decode falls back to a plain weight
+            raise ValueError(f"{self.where}: {key!r} is quantized but no weight file holds its {part!r}") from None
