@@ -114,6 +114,12 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (PREP + ["--near-dup-threshold", "1.5"], ["--near-dup-threshold 1.5", "[0, 1]"]),
     (PREP + ["--min-alpha-ratio", "2"], ["--min-alpha-ratio 2.0", "[0, 1]"]),
     (PREP + ["--min-chars", "-1"], ["--min-chars -1", "≥ 0"]),
+    (PREP + ["--profile", "json"], ["argument --profile: invalid choice: 'json'", "prose", "code"]),
+    (PREP + ["--val-fraction", "1"], ["--val-fraction 1.0", "[0, 1)"]),
+    (PREP + ["--max-line-length", "0"], ["--max-line-length 0", "≥ 1"]),
+    (PREP + ["--max-data-line-fraction", "1.5"], ["--max-data-line-fraction 1.5", "[0, 1]"]),
+    (PREP[:3] + ["hf:nobody/nothing?splt=train"] + PREP[4:], ["hf:nobody/nothing?splt=train", "hf:NAME[:CONFIG]"]),
+    (PREP[:3] + ["builtin:stdlib?split=test"] + PREP[4:], ["builtin:stdlib?split=test", "train, validation, all"]),
     (PREP[:6] + ["--out", "{file}"], ["--out {file}", "is a file"]),
     # ------------------------------------------------------------------ pretrain
     (["pretrain", *TINY, "--max-steps", "-5"], ["--max-steps -5", "≥ 1"]),
@@ -252,6 +258,8 @@ ROWS: list[tuple[list[str], list[str]]] = [
     (["eval", "--ckpt", "{unfinished}", "--task", "arithmetic"], ["--ckpt {unfinished}", "no model/"]),
     (["eval", "--ckpt", "{missing}", "--task", "arithmetic"], ["--ckpt {missing}", "no such"]),
     (["eval", "--ckpt", "{ckpt}"], ["exactly one of --task NAME", "or --bpb FILE|DIR"]),
+    (["eval", "--ckpt", "{ckpt}", "--bpb", "{file}", "--seq-len", "0"], ["--seq-len 0", "≥ 1"]),
+    (["eval", "--ckpt", "{ckpt}", "--bpb", "{missing}"], ["{missing}", "no such file"]),
     # ------------------------------------------------------------------ distill, distill traces
     (["distill"], ["the following arguments are required: --out, --teacher, --student, --data"]),
     ([*DIST, "--loss", "kd"], ["argument --loss: invalid choice: 'kd'", "reverse_kl"]),
