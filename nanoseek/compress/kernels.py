@@ -27,6 +27,7 @@ class PackedLinear:
     """x (N, in) fp32 → x·Wᵀ (N, out) fp32 for a matrix packed for an integer kernel."""
 
     def __init__(self, w: torch.Tensor, bits: int, group_size: int | None = None):
+        w = w.float().contiguous()
         self.out_features, self.in_features = w.shape
         self.bits = bits
         if bits == 8:
@@ -55,22 +56,15 @@ class PackedLinear:
         return y[:, :self.out_features].float()
 
 
-def packable(w: torch.Tensor, spec: dict) -> int | None | bool:
-    """False if the (in, out) engine matrix w stays fp32; else its group (None for int8)."""
-    if w.dim() != 2 or w.dtype != torch.float32:
-        return False
-    if spec["bits"] == 8:
-        return None
-    g = group_for(w.shape[0], spec["group_size"])
-    return False if g is None or g < 32 else g
-
-
 def pack(w: torch.Tensor, spec: dict):
-    """An engine matrix, stored transposed (in, out), → a PackedLinear (or w itself if it stays fp32)."""
-    g = packable(w, spec)
-    if g is False:
+    """An engine matrix, stored transposed (in, out), → a PackedLinear; w itself where it stays
+    fp32 (not an fp32 matrix, or for int4 an input width no group of 32 or more divides)."""
+    if w.dim() != 2 or w.dtype != torch.float32:
         return w
-    return PackedLinear(w.t().float(), spec["bits"], g)
+    if spec["bits"] == 8:
+        return PackedLinear(w.t(), 8)
+    g = group_for(w.shape[0], spec["group_size"])
+    return w if g is None or g < 32 else PackedLinear(w.t(), 4, g)
 
 
 def pack_folded(paged, spec: dict) -> None:
