@@ -28,7 +28,7 @@ class PackedLinear:
 
     def __init__(self, w: torch.Tensor, bits: int, group_size: int | None = None):
         w = w.float().contiguous()
-        self.out_features, self.in_features = w.shape
+        self.out_features = w.shape[0]
         self.bits = bits
         if bits == 8:
             q, s = quantize(w, 8, None)
@@ -37,7 +37,6 @@ class PackedLinear:
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(q, s, torch.zeros_like(s, dtype=torch.long), 0)
                 self.packed = torch.ops.quantized.linear_prepack(qw, None)
-            self.nbytes = q.numel() + 4 * s.numel()
         else:
             self.group = group_size
             q, s = quantize(w, 4, group_size)
@@ -47,7 +46,6 @@ class PackedLinear:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qu, 1)
             # (in/group, out, 2): w = (q_u − 8)·scale + zero, zero 0 (symmetric)
             self.scales_zeros = torch.stack((s, torch.zeros_like(s)), -1).transpose(0, 1).contiguous().bfloat16()
-            self.nbytes = q.numel() // 2 + 2 * self.scales_zeros.numel()
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
