@@ -3,8 +3,8 @@
 For each variant in SWEEP (and the original): its size on disk, the peak memory of a process that
 loads it into the engine and decodes, decode tokens/s at batch 1 and at batch 32 (greedy, a fixed
 number of tokens after fixed prompts, process CPU time, best of two), held-out accuracy (greedy
-pass@1 on `--task`, as `nanoseek eval --temperature 0` scores it) and validation bits per byte on
-`--calib`'s held-out stream. Speed and memory are measured in a fresh process per variant, so no
+pass@1 on `--task`, as `nanoseek eval --temperature 0` scores it) and validation loss and bits
+per byte on `--calib`'s held-out stream. Speed and memory are measured in a fresh process per variant, so no
 variant inherits another's allocations or warm caches.
 
 Writes OUT/sweep.json, OUT/sweep.md (the table) and OUT/pareto.png (accuracy against batch-1
