@@ -66,8 +66,8 @@ def main() -> None:
                 if ln.startswith("model name")), "unknown CPU")
     print(f"$ python benchmarks/presets.py --presets {' '.join(args.presets)} --batch {args.batch} "
           f"--seq-len {args.seq_len} --vocab {args.vocab} --reps {args.reps} --threads {args.threads}")
-    print(f"{cpu}; {args.threads} thread(s); batch {args.batch} x {args.seq_len} = {tokens} tokens; vocab {args.vocab}; "
-          "fp32; full V3 loss + AdamW")
+    print(f"{cpu}; {args.threads} thread(s); batch {args.batch} x {args.seq_len} = {tokens} tokens; "
+          f"vocab {args.vocab}; fp32; full V3 loss + AdamW")
     print(f"{'preset':10s} {'total':>8s} {'active':>8s} {'tok/CPU-s':>10s} {'15 min, 1 core':>15s} "
           f"{'15 min, 2 cores':>16s} {'20 tok/param, 1 core':>22s}")
     for name in args.presets:

@@ -2,6 +2,7 @@
 generate --suffix, /v1/completions with suffix (through the openai client) and the hidden-line
 metric."""
 
+import difflib
 import json
 import random
 from pathlib import Path
@@ -330,6 +331,9 @@ def test_eval_fim_task_reports_exact_match_both_ways(fim_ckpt, old_ckpt, tmp_pat
     # the scripted model answers "\treturn x" to every hole: f, h and m's hole is that line (m's with
     # two tabs, so a miss), g's is not
     assert res["n"] == 4 and res["fim_exact_match"] == 0.5
+    # the misses: "\t\treturn x" (m) and "\treturn x + y" (g) against "\treturn x"
+    sim = [difflib.SequenceMatcher(None, HIDDEN, line).ratio() for line in ("\t\treturn x", "\treturn x + y")]
+    assert res["fim_edit_similarity"] == pytest.approx((2 + sum(sim)) / 4)
     assert {s["fim"] for s in res["samples"]} == {HIDDEN}
     assert res["prefix_exact_match"] == 0.0
     assert main(["eval", "--ckpt", str(old_ckpt), "--task", "fim", "--data", str(src), "--max-tokens", "4",

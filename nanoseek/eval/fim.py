@@ -11,13 +11,16 @@ the seed. The model is asked for it greedily in two ways:
   before the prefix's last newline, so that the newline and the indentation are generated as the
   tokenizer would have cut them in running text; the answer is the line after that newline.
 
-A hit is the hidden line exactly, indentation included (trailing spaces aside). The same holes
-are asked in both ways, so the two rates compare what the suffix adds.
+A hit is the hidden line exactly, indentation included (trailing spaces aside); the edit
+similarity (difflib's ratio of matching characters, 0 for no line) credits a near miss, as
+code-completion benchmarks do. The same holes are asked in both ways, so the two compare what
+the suffix adds.
 """
 
 from __future__ import annotations
 
 import ast
+import difflib
 import random
 from dataclasses import dataclass
 
@@ -91,7 +94,8 @@ def answer(text: str, mode: str) -> str | None:
 
 
 def exact_match(engine, tok, hole_list: list[Hole], modes=MODES, max_tokens: int = 48) -> dict:
-    """{"n": …, "<mode>_exact_match": rate, "samples": a few (hidden, fim, prefix) lines}."""
+    """{"n": …, "<mode>_exact_match": rate, "<mode>_edit_similarity": mean, "samples": a few
+    (hidden, fim, prefix) lines}."""
     from ..engine import SamplingParams
 
     # a hole whose prompt (either way) leaves no room for the answer in the context is not asked
@@ -105,8 +109,10 @@ def exact_match(engine, tok, hole_list: list[Hole], modes=MODES, max_tokens: int
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop)
         outs = engine.generate([p[mode] for p in prompts], params)
         got[mode] = [answer(o.text, mode) for o in outs]
-        hits = [a is not None and a.rstrip() == h.line.rstrip() for a, h in zip(got[mode], hole_list)]
-        res[f"{mode}_exact_match"] = sum(hits) / max(1, len(hits))
+        pairs = [(a.rstrip() if a is not None else None, h.line.rstrip()) for a, h in zip(got[mode], hole_list)]
+        res[f"{mode}_exact_match"] = sum(a == b for a, b in pairs) / max(1, len(pairs))
+        res[f"{mode}_edit_similarity"] = sum(difflib.SequenceMatcher(None, a, b).ratio() if a is not None else 0.0
+                                             for a, b in pairs) / max(1, len(pairs))
     res["samples"] = [{"source": h.source, "hidden": h.line, **{m: got[m][i] for m in modes}}
                       for i, h in enumerate(hole_list[:8])]
     return res
