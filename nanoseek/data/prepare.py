@@ -158,10 +158,10 @@ class PrepareConfig:
 
 # --------------------------------------------------------------- workers
 _WORKER_TOK = None
-_WORKER_FIM = FIMOptions()
+_WORKER_FIM: FIMOptions | None = None
 
 
-def _init_worker(tokenizer_dir: str, fim: FIMOptions = FIMOptions()):
+def _init_worker(tokenizer_dir: str, fim: FIMOptions):
     global _WORKER_TOK, _WORKER_FIM
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # we are the parallelism
     from nanoseek.tokenizer import Tokenizer
