@@ -85,22 +85,15 @@ def sample_seed(seed: int, problem: int, sample: int) -> int:
 
 def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     """Score a checkpoint (or a live model + tokenizer) on held-out problems."""
-    from ..engine import Engine, SamplingParams
+    from ..engine import SamplingParams
     from ..tasks import get_task
     from ..tasks.rewards import format_reward
-    from ..tokenizer import Tokenizer
-    from ..checkpoint import ckpt_flag
     from ..train.grpo import build_prompt, reward_kwargs
 
     if cfg.task == "fim":
         return _evaluate_fim(cfg, model, tok)
     task = get_task(cfg.task, **cfg.task_args)
-    if model is None:
-        path = ckpt_flag(cfg.ckpt)
-        tok = Tokenizer.load(path)
-        engine = Engine(path, tok, device=cfg.device, speculative_tokens=cfg.speculative_tokens)
-    else:
-        engine = Engine(model, tok, speculative_tokens=cfg.speculative_tokens)
+    engine, tok = _engine(cfg, model, tok)
     problems = task.make(cfg.n, cfg.seed, split="test")
     k = 1 if cfg.temperature <= 0 else cfg.k
     prompts, params = [], []
@@ -129,20 +122,25 @@ def evaluate_task(cfg: EvalConfig, model=None, tok=None) -> dict:
     return res
 
 
-def _evaluate_fim(cfg: EvalConfig, model=None, tok=None) -> dict:
-    """Greedy hidden-line exact match by FIM and from the prefix alone (nanoseek.eval.fim)."""
+def _engine(cfg: EvalConfig, model=None, tok=None):
+    """The engine (and tokenizer) an evaluation generates with: the given model, or --ckpt's."""
     from ..checkpoint import ckpt_flag
-    from ..data.sources import iter_documents
     from ..engine import Engine
     from ..tokenizer import Tokenizer
+
+    if model is not None:
+        return Engine(model, tok, speculative_tokens=cfg.speculative_tokens), tok
+    path = ckpt_flag(cfg.ckpt)
+    tok = Tokenizer.load(path)
+    return Engine(path, tok, device=cfg.device, speculative_tokens=cfg.speculative_tokens), tok
+
+
+def _evaluate_fim(cfg: EvalConfig, model=None, tok=None) -> dict:
+    """Greedy hidden-line exact match by FIM and from the prefix alone (nanoseek.eval.fim)."""
+    from ..data.sources import iter_documents
     from .fim import MODES, exact_match, holes
 
-    if model is None:
-        path = ckpt_flag(cfg.ckpt)
-        tok = Tokenizer.load(path)
-        engine = Engine(path, tok, device=cfg.device, speculative_tokens=cfg.speculative_tokens)
-    else:
-        engine = Engine(model, tok, speculative_tokens=cfg.speculative_tokens)
+    engine, tok = _engine(cfg, model, tok)
     modes = MODES if tok.fim_ids is not None else ("prefix",)  # a tokenizer without FIM tokens: prefix only
     found = holes(iter_documents(cfg.data), cfg.n, cfg.seed)
     if not found:
