@@ -240,6 +240,11 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens (chat, think, FIM, tool-call tags): never a piece of text."""
+        return frozenset(self._tok.get_added_tokens_decoder())
+
     def encode(self, text: str, add_bos: bool = False, allow_special: bool = True) -> list[int]:
         """Text to ids. ``allow_special=False`` encodes a literal "<|eos|>" in the
         text as plain bytes: use it for raw corpora, where such a string is data

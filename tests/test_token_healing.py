@@ -53,8 +53,7 @@ def engine(tok):
 
 
 def _index(engine) -> VocabIndex:
-    special = set(engine.tokenizer._tok.get_added_tokens_decoder())
-    return VocabIndex(engine._table, special, engine.config.vocab_size)
+    return VocabIndex(engine._table, engine.tokenizer.special_ids, engine.config.vocab_size)
 
 
 def _starts_with_spaces(engine, params: SamplingParams) -> SamplingParams:

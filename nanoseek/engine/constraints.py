@@ -135,7 +135,7 @@ class VocabIndex:
     text, and which tokens are a prefix of it. Special tokens are left out: their text is a
     name, never a piece of the prompt."""
 
-    def __init__(self, table: list[bytes], special: set[int], vocab_size: int):
+    def __init__(self, table: list[bytes], special: frozenset[int], vocab_size: int):
         pairs = sorted((b, i) for i, b in enumerate(table) if b and i not in special and i < vocab_size)
         self.keys = [b for b, _ in pairs]
         self.ids = [i for _, i in pairs]

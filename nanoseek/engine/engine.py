@@ -287,8 +287,7 @@ class Engine:
         if self._table is None or len(prompt_ids) < 2:
             return prompt_ids, b"", None
         if self._vocab_index is None:
-            special = set(self.tokenizer._tok.get_added_tokens_decoder())
-            self._vocab_index = VocabIndex(self._table, special, self.config.vocab_size)
+            self._vocab_index = VocabIndex(self._table, self.tokenizer.special_ids, self.config.vocab_size)
         last = prompt_ids[-1]
         text = self._table[last] if last < len(self._table) else b""
         if not text or last in self._vocab_index.special:
